@@ -1,0 +1,128 @@
+"""The per-layer ``Curvature`` protocol every method implements (DESIGN §1).
+
+The preconditioner drives one instance per managed layer:
+
+* ``accumulate(a, g)`` from the backward hooks: fold one call's raw factor rows
+  into staged (not yet averaged) statistics; cheap.
+* ``update(step, counts)`` in ``step()``: fold the staged statistics
+  (``counts`` says how many rows and samples they hold; ``None`` when nothing
+  was captured) and refresh decompositions when due.
+* ``precondition(grad)``: apply the current preconditioner to the
+  ``(d_g, d_a)`` gradient matrix.
+* ``discard()`` drops staged statistics (a skipped step).
+
+State is plain tensors and numbers (``state_dict``), so checkpoints load with
+``torch.load(weights_only=True)`` and keep their dtypes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..layers import LayerDims
+from ..methods import CurvatureMethod
+
+__all__ = ["BatchCounts", "Curvature"]
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """How much the staged statistics of one step hold.
+
+    Attributes:
+        rows: number of ``a`` (and ``g``) rows accumulated (samples × positions
+            for K-FAC-expand, samples for reduce).
+        samples: number of distinct samples (micro-batches add up; a module
+            called twice in one forward counts its samples once).
+    """
+
+    rows: int
+    samples: int
+
+
+class Curvature(ABC):
+    """One layer's curvature state and preconditioner."""
+
+    #: Method config classes this implementation serves (subclasses included).
+    method_types: ClassVar[tuple[type[CurvatureMethod], ...]] = ()
+
+    def __init__(
+        self,
+        method: CurvatureMethod,
+        dims: LayerDims,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        name: str,
+        max_failures: int,
+    ) -> None:
+        self.method = method
+        self.dims = dims
+        self.device = device
+        self.dtype = dtype
+        self.name = name
+        self.max_failures = max_failures
+
+    # -- statistics -------------------------------------------------------
+    @abstractmethod
+    def accumulate(self, a: Tensor, g: Tensor) -> None:
+        """Stage one call's rows: ``a`` is ``(m, d_a)``, ``g`` is ``(m, d_g)``, both in ``self.dtype``."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Drop staged statistics without touching any persistent state."""
+
+    @abstractmethod
+    def update(self, step: int, counts: BatchCounts | None) -> None:
+        """Fold staged statistics (if ``counts``) and refresh what is due at ``step``."""
+
+    def g_scale(self, counts: BatchCounts) -> float:
+        """Factor turning ``Σ gᵀg`` of raw output gradients into the per-sample average.
+
+        With a batch-averaged loss each output gradient carries ``1/N``;
+        ``G = Σ (N g)(N g)ᵀ / N = N Σ g gᵀ``. With a summed loss ``G = Σ g gᵀ / N``.
+        """
+        n = counts.samples
+        return float(n) if self.method.loss_average == "batch" else 1.0 / n
+
+    # -- preconditioning --------------------------------------------------
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """Whether a preconditioner exists (statistics were folded at least once)."""
+
+    @abstractmethod
+    def precondition(self, grad: Tensor) -> Tensor:
+        """Preconditioned ``(d_g, d_a)`` gradient matrix, in ``self.dtype``."""
+
+    # -- state --------------------------------------------------------------
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Persistent state: tensors and plain numbers only."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (dtypes and devices of this instance kept)."""
+
+    def memory_bytes(self) -> int:
+        """Bytes of persistent tensor state."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values() if isinstance(t, Tensor))
+
+    def note(self) -> str:
+        """Extra text for ``describe()`` (e.g. a fallback chosen for one factor)."""
+        return ""
+
+    @classmethod
+    @abstractmethod
+    def estimate_bytes(cls, method: CurvatureMethod, dims: LayerDims, dtype: torch.dtype) -> int:
+        """Persistent state bytes a layer of ``dims`` will hold (before construction)."""
+
+    @classmethod
+    @abstractmethod
+    def cost(cls, method: CurvatureMethod, dims: LayerDims) -> float:
+        """Flops per step, amortised over update periods (DESIGN §3.6 cost model)."""

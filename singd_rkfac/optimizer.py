@@ -1,0 +1,170 @@
+"""``sr.Optimizer``: a ``torch.optim.Optimizer`` = Preconditioner + update rule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .policy import Policy
+from .preconditioner import Preconditioner
+from .update_rules import ADAMW_KEYS, SGD_KEYS, adamw_step, sgd_step
+
+__all__ = ["Optimizer"]
+
+FALLBACK_RULES = ("sgd", "adamw")
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (value >= high if high_open else value > high):
+        bracket = ")" if high_open or math.isinf(high) else "]"
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}{bracket} (got {value!r})")
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Natural-gradient optimizer whose curvature method is chosen per layer.
+
+    One param group per managed layer (``group["name"]`` is the layer's
+    qualified name, ``group["rule"] == "curvature"``) and, when the model has
+    other trainable parameters, one ``"fallback"`` group updated by
+    ``fallback`` (SGD or AdamW). LR schedulers change every group.
+
+    Args:
+        model: the network.
+        policy: per-layer methods (default ``Policy()``: K-FAC on every supported layer).
+        lr: learning rate (every group unless ``fallback_options`` overrides it).
+        momentum: heavy-ball momentum μ on the preconditioned gradient.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: γ, added to the preconditioned gradient (coupled) or
+            applied as ``W ← (1 − lr·γ) W`` (``decoupled_weight_decay=True``).
+        decoupled_weight_decay: see ``weight_decay``.
+        clip: KL-style norm constraint κ: scales the preconditioned gradients by
+            ``min(1, sqrt(κ / |Σ lr² ⟨V, ∇⟩|))``; ``None`` = off.
+        fallback: ``"sgd"`` or ``"adamw"`` for parameters outside managed layers.
+        fallback_options: overrides for the fallback group (``lr``,
+            ``weight_decay``; SGD: ``momentum``, ``nesterov``,
+            ``decoupled_weight_decay``; AdamW: ``betas``, ``eps``).
+        max_decomposition_failures: see :class:`Preconditioner`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Policy | None = None,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        clip: float | None = None,
+        fallback: str = "sgd",
+        fallback_options: Mapping[str, Any] | None = None,
+        max_decomposition_failures: int = 10,
+    ) -> None:
+        _check_number("lr", lr, 0.0)
+        _check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+        _check_number("weight_decay", weight_decay, 0.0)
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        if clip is not None:
+            _check_number("clip", clip, 0.0)
+            if clip == 0:
+                raise ValueError("clip must be > 0 or None (got 0)")
+        if fallback not in FALLBACK_RULES:
+            raise ValueError(f"fallback must be one of {FALLBACK_RULES} (got {fallback!r})")
+        self.preconditioner = Preconditioner(model, policy, max_decomposition_failures=max_decomposition_failures)
+        self.clip = clip
+        self.fallback = fallback
+        defaults = {
+            "lr": lr, "momentum": momentum, "nesterov": bool(nesterov),
+            "weight_decay": weight_decay, "decoupled_weight_decay": bool(decoupled_weight_decay),
+        }
+        groups: list[dict[str, Any]] = [
+            {"params": params, "name": name, "rule": "curvature"}
+            for name, params in self.preconditioner.managed_parameters().items()
+        ]
+        rest = self.preconditioner.fallback_parameters()
+        if rest:
+            groups.append({"params": rest, "name": "fallback", "rule": fallback,
+                           **self._fallback_group(fallback, defaults, fallback_options or {})})
+        if not groups:
+            raise ValueError("model has no trainable parameters")
+        super().__init__(groups, defaults)
+
+    @staticmethod
+    def _fallback_group(rule: str, defaults: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = SGD_KEYS if rule == "sgd" else ADAMW_KEYS
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"fallback_options: unknown key(s) {unknown} for fallback={rule!r}; allowed: {list(allowed)}")
+        group = {k: defaults[k] for k in allowed if k in defaults}
+        if rule == "adamw":
+            group.update(betas=(0.9, 0.999), eps=1e-8)
+        group.update(options)
+        _check_number("fallback_options['lr']", group["lr"], 0.0)
+        _check_number("fallback_options['weight_decay']", group["weight_decay"], 0.0)
+        if rule == "adamw":
+            betas = group["betas"]
+            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+                raise ValueError(f"fallback_options['betas'] must be a pair (got {betas!r})")
+            group["betas"] = tuple(betas)
+            for i, beta in enumerate(group["betas"]):
+                _check_number(f"fallback_options['betas'][{i}]", beta, 0.0, 1.0, high_open=True)
+            _check_number("fallback_options['eps']", group["eps"], 0.0)
+        else:
+            _check_number("fallback_options['momentum']", group["momentum"], 0.0, 1.0, high_open=True)
+        return group
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Precondition the managed gradients, then apply the update rules."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inner = self.preconditioner.precondition(inner_products=self.clip is not None)
+        curvature_groups = [g for g in self.param_groups if g["rule"] == "curvature"]
+        if self.clip is not None and inner:
+            self._clip(curvature_groups, inner)
+        sgd_step([g for g in self.param_groups if g["rule"] in ("curvature", "sgd")], self.state)
+        adamw_step([g for g in self.param_groups if g["rule"] == "adamw"], self.state)
+        return loss
+
+    def _clip(self, groups: list[dict[str, Any]], inner: dict[str, torch.Tensor]) -> None:
+        """Scale preconditioned gradients by ``min(1, sqrt(κ / |Σ lr²⟨V,∇⟩|))`` (no host sync)."""
+        total = sum(g["lr"] ** 2 * inner[g["name"]] for g in groups if g["name"] in inner)
+        scale = torch.sqrt(self.clip / total.abs().clamp_min(torch.finfo(total.dtype).tiny)).clamp(max=1.0)
+        grads = [p.grad for g in groups if g["name"] in inner for p in g["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+
+    # -- state --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim state (momenta, groups) plus the curvature state; loads with ``weights_only=True``."""
+        state = super().state_dict()
+        state["preconditioner"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; curvature tensors keep their own dtypes."""
+        state_dict = dict(state_dict)
+        curvature = state_dict.pop("preconditioner", None)
+        if curvature is None:
+            raise ValueError("state_dict has no 'preconditioner' entry (not made by sr.Optimizer.state_dict)")
+        super().load_state_dict(state_dict)
+        self.preconditioner.load_state_dict(curvature)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Persistent curvature-state bytes per managed layer."""
+        return self.preconditioner.memory_bytes()
+
+    def describe(self) -> str:
+        """The resolved policy with actual state sizes, and the update rules."""
+        rules = f"update: lr={self.defaults['lr']}, momentum={self.defaults['momentum']}, " \
+                f"weight_decay={self.defaults['weight_decay']}" \
+                f"{' (decoupled)' if self.defaults['decoupled_weight_decay'] else ''}, " \
+                f"clip={self.clip}, fallback={self.fallback}"
+        return f"{self.preconditioner.describe()}\n{rules}"

@@ -1,0 +1,289 @@
+"""Which layer gets which method: rules, resolution, configs from dicts and TOML.
+
+A :class:`Policy` is a default method plus an ordered list of rules. A rule
+matches a module by a glob on its qualified name, by its class, or by a
+callable ``(name, module) -> bool``; the first matching rule wins, and
+supported layers that no rule matches get the default. Modules that own
+parameters but cannot be managed (norm layers, unsupported types) go to the
+optimizer's fallback rule.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._table import format_bytes, format_table
+from .curvature import curvature_class
+from .layers import Layer, layer_class
+from .methods import KFAC, METHODS, CurvatureMethod, Method, Skip
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["Rule", "Policy", "LayerPlan", "method_from_dict"]
+
+Matcher = Union[str, type, Callable[[str, nn.Module], bool]]
+
+#: Parameterised modules that go to the fallback rule by design (no warning).
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    cls
+    for cls in (
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+        getattr(nn, "RMSNorm", None),
+    )
+    if cls is not None
+)
+
+
+def _type_matches(module: nn.Module, type_name: str) -> bool:
+    """Whether ``type_name`` names the module's class or a base: ``"Conv2d"``,
+    ``"torch.nn.Conv2d"`` or a full dotted path."""
+    for cls in type(module).__mro__:
+        full = f"{cls.__module__}.{cls.__qualname__}"
+        short_torch = f"torch.nn.{cls.__qualname__}" if cls.__module__.startswith("torch.nn") else None
+        if type_name in (cls.__qualname__, full, short_torch):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy rule: modules that ``match`` get ``method``.
+
+    ``match`` is a glob on the qualified module name (``"features.*"``), a
+    module class (subclasses match too), a class name string (``"Conv2d"``,
+    from TOML), or a callable ``(name, module) -> bool``. ``type_name``, when
+    given (TOML ``type = "Conv2d"``), must match as well.
+    """
+
+    match: Matcher | None
+    method: Method
+    type_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, Method):
+            raise ValueError(f"Rule.method must be a method config such as sr.KFAC() (got {self.method!r})")
+        if self.match is None and self.type_name is None:
+            raise ValueError("Rule needs a match (glob, module class or callable) or a type_name")
+        valid = (
+            self.match is None
+            or isinstance(self.match, str)
+            or (isinstance(self.match, type) and issubclass(self.match, nn.Module))
+            or callable(self.match)
+        )
+        if not valid:
+            raise ValueError(
+                "Rule.match must be a name glob, an nn.Module class or a callable "
+                f"(name, module) -> bool (got {self.match!r})"
+            )
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        """Whether this rule applies to ``module`` registered as ``name``."""
+        if self.type_name is not None and not _type_matches(module, self.type_name):
+            return False
+        if self.match is None:
+            return True
+        if isinstance(self.match, str):
+            return fnmatch.fnmatchcase(name, self.match)
+        if isinstance(self.match, type):
+            return isinstance(module, self.match)
+        return bool(self.match(name, module))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one parameter-owning module is treated.
+
+    Attributes:
+        name: qualified module name (``""`` is the root module).
+        module: the module.
+        method: the curvature method, or ``None`` for the fallback rule.
+        layer_cls: the adapter class when managed.
+        note: why a module goes to the fallback (empty when managed).
+        warn: whether the fallback is unexpected enough to warn about.
+    """
+
+    name: str
+    module: nn.Module
+    method: CurvatureMethod | None
+    layer_cls: type[Layer] | None
+    note: str = ""
+    warn: bool = False
+
+
+def _owns_trainable_parameters(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+class Policy:
+    """A default method and ordered rules: which curvature method each layer gets.
+
+    Args:
+        default: method for supported layers no rule matches (``sr.KFAC()`` if ``None``).
+        rules: ``Rule`` objects or ``(match, method)`` tuples; first match wins.
+    """
+
+    def __init__(self, default: Method | None = None, rules: Sequence[Rule | tuple] = ()) -> None:
+        self.default = KFAC() if default is None else default
+        if not isinstance(self.default, Method):
+            raise ValueError(f"Policy.default must be a method config such as sr.KFAC() (got {self.default!r})")
+        self.rules: tuple[Rule, ...] = tuple(self._as_rule(r, i) for i, r in enumerate(rules))
+
+    @staticmethod
+    def _as_rule(rule: Rule | tuple, index: int) -> Rule:
+        if isinstance(rule, Rule):
+            return rule
+        if isinstance(rule, tuple) and len(rule) == 2:
+            return Rule(*rule)
+        raise ValueError(f"Policy.rules[{index}] must be a sr.Rule or a (match, method) tuple (got {rule!r})")
+
+    def __repr__(self) -> str:
+        return f"Policy(default={self.default!r}, rules={list(self.rules)!r})"
+
+    # -- resolution -------------------------------------------------------
+    def method_for(self, name: str, module: nn.Module) -> Method:
+        """The method the first matching rule (or the default) gives ``module``."""
+        for rule in self.rules:
+            if rule.matches(name, module):
+                return rule.method
+        return self.default
+
+    def plan(self, model: nn.Module) -> list[LayerPlan]:
+        """A :class:`LayerPlan` for every module that owns trainable parameters."""
+        # nn.MultiheadAttention uses out_proj's weight through the functional
+        # path and never calls the module, so no statistics could be captured.
+        functional = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        plans = []
+        for name, module in model.named_modules():
+            if not _owns_trainable_parameters(module):
+                continue
+            method = self.method_for(name, module)
+            cls = layer_class(module)
+            if isinstance(method, Skip):
+                plans.append(LayerPlan(name, module, None, None, "skipped by policy"))
+            elif isinstance(module, NORM_TYPES):
+                plans.append(LayerPlan(name, module, None, None, "normalisation layer"))
+            elif id(module) in functional:
+                note = "weight used functionally by nn.MultiheadAttention (module never called)"
+                plans.append(LayerPlan(name, module, None, None, note))
+            elif cls is None:
+                note = f"{type(module).__name__} is not a supported layer type"
+                plans.append(LayerPlan(name, module, None, None, note, warn=True))
+            elif (reason := cls.unsupported_reason(module)) is not None:
+                plans.append(LayerPlan(name, module, None, None, reason, warn=True))
+            else:
+                assert isinstance(method, CurvatureMethod)
+                plans.append(LayerPlan(name, module, method, cls))
+        return plans
+
+    def resolve(self, model: nn.Module) -> dict[str, CurvatureMethod | None]:
+        """Every parameter-owning module's method (``None`` = fallback rule)."""
+        return {p.name: p.method for p in self.plan(model)}
+
+    def describe(self, model: nn.Module) -> str:
+        """A table of layer, type, shape, method and estimated curvature-state bytes."""
+        rows = []
+        total = 0
+        for p in self.plan(model):
+            if p.method is None:
+                rows.append([p.name or "(root)", type(p.module).__name__, "", "fallback", "", p.note])
+                continue
+            layer = p.layer_cls(p.module)
+            dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+            size = curvature_class(p.method).estimate_bytes(p.method, layer.dims, dtype)
+            total += size
+            rows.append([p.name, type(p.module).__name__, layer.shape_text, p.method.summary(), format_bytes(size), ""])
+        table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
+        return f"{table}\ncurvature state (estimated): {format_bytes(total)}"
+
+    # -- configs ------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "Policy":
+        """Build a policy from ``{"default": {...}, "rules": [{...}, ...]}``.
+
+        A method is ``{"method": "kfac", <field>: value, ...}`` (or just the
+        name). A rule adds ``"match"`` (name glob) and/or ``"type"`` (class
+        name such as ``"Conv2d"``) to its method's keys.
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(f"policy config must be a mapping (got {type(config).__name__})")
+        unknown = set(config) - {"default", "rules"}
+        if unknown:
+            raise ValueError(f"unknown policy key(s) {sorted(unknown)}; allowed: 'default', 'rules'")
+        default = method_from_dict(config["default"], where="default") if "default" in config else None
+        raw_rules = config.get("rules", [])
+        if not isinstance(raw_rules, Sequence) or isinstance(raw_rules, (str, bytes)):
+            raise ValueError("policy 'rules' must be a list of tables")
+        rules = []
+        for i, raw in enumerate(raw_rules):
+            where = f"rules[{i}]"
+            if not isinstance(raw, Mapping):
+                raise ValueError(f"{where} must be a table (got {raw!r})")
+            body = dict(raw)
+            match, type_name = body.pop("match", None), body.pop("type", None)
+            if match is None and type_name is None:
+                raise ValueError(f"{where} needs 'match' (name glob) or 'type' (class name)")
+            for key, value in (("match", match), ("type", type_name)):
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{where}.{key} must be a string (got {value!r})")
+            rules.append(Rule(match, method_from_dict(body, where=where), type_name=type_name))
+        return cls(default=default, rules=rules)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Policy":
+        """Build a policy from a TOML file with a ``[default]`` table and ``[[rules]]``.
+
+        A ``[policy]`` table holding both is accepted too, so a policy can live
+        inside a larger config file.
+        """
+        with open(path, "rb") as handle:
+            config = tomllib.load(handle)
+        if "policy" in config:
+            config = config["policy"]
+        return cls.from_dict(config)
+
+
+def _field_value(method_cls: type[Method], field_type: str, value: Any) -> Any:
+    """TOML-friendly values: dtype names to ``torch.dtype``, lists to tuples."""
+    if "dtype" in field_type and isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{method_cls.__name__}: {value!r} is not a torch dtype name")
+        return dtype
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def method_from_dict(config: Mapping[str, Any] | str, *, where: str = "method") -> Method:
+    """A method config from ``{"method": name, field: value, ...}`` or a bare name."""
+    body = {"method": config} if isinstance(config, str) else dict(config)
+    name = body.pop("method", None)
+    if name is None:
+        raise ValueError(f"{where}: missing 'method' (one of {sorted(METHODS)})")
+    method_cls = METHODS.get(str(name).lower())
+    if method_cls is None:
+        raise ValueError(f"{where}: unknown method {name!r}; known: {sorted(METHODS)}")
+    known = {f.name: f for f in fields(method_cls) if f.init}
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for method {name!r}; allowed: {sorted(known)}")
+    kwargs = {key: _field_value(method_cls, str(known[key].type), value) for key, value in body.items()}
+    return method_cls(**kwargs)

@@ -1,0 +1,209 @@
+"""The preconditioner: owns the managed layers, their hooks, schedules and state.
+
+:class:`Preconditioner` can be used on its own (its :meth:`~Preconditioner.step`
+overwrites ``.grad`` of the managed parameters, so any optimizer can take the
+step) and is the engine inside :class:`~singd_rkfac.Optimizer`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._table import format_bytes, format_table
+from .capture import ForwardPasses, LayerCapture
+from .curvature import Curvature, curvature_class
+from .layers import Layer
+from .methods import CurvatureMethod
+from .policy import LayerPlan, Policy
+
+__all__ = ["Preconditioner", "ManagedLayer"]
+
+
+@dataclass
+class ManagedLayer:
+    """One managed module: its adapter, method, curvature state and hooks."""
+
+    name: str
+    layer: Layer
+    method: CurvatureMethod
+    curvature: Curvature
+    capture: LayerCapture
+    warned_no_statistics: bool = False
+
+
+class Preconditioner:
+    """Kronecker-factored preconditioning of a model's managed layers.
+
+    Args:
+        model: the network (hooks are installed on its managed modules).
+        policy: which method each layer gets (default: ``Policy()``, K-FAC everywhere).
+        max_decomposition_failures: consecutive failed decompositions of one
+            layer after which a :class:`~singd_rkfac.linalg.DecompositionError` is raised.
+
+    Call :meth:`step` after ``backward()`` and before the optimizer's step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Policy | None = None,
+        *,
+        max_decomposition_failures: int = 10,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+        if policy is not None and not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a sr.Policy (got {type(policy).__name__})")
+        if isinstance(max_decomposition_failures, bool) or not isinstance(max_decomposition_failures, int) or max_decomposition_failures < 1:
+            raise ValueError(f"max_decomposition_failures must be an integer >= 1 (got {max_decomposition_failures!r})")
+        self.model = model
+        self.policy = Policy() if policy is None else policy
+        self.steps = 0
+        self._passes = ForwardPasses(model)
+        plans = self.policy.plan(model)
+        self.layers: dict[str, ManagedLayer] = {
+            p.name: self._manage(p, max_decomposition_failures) for p in plans if p.method is not None
+        }
+        self.fallback_plans: list[LayerPlan] = [p for p in plans if p.method is None]
+        unexpected = [f"{p.name or '(root)'} ({p.note})" for p in self.fallback_plans if p.warn]
+        if unexpected:
+            warnings.warn(
+                "these modules go to the fallback rule: " + "; ".join(unexpected),
+                UserWarning,
+                stacklevel=3,
+            )
+        self._schedule_capture()
+
+    def _manage(self, plan: LayerPlan, max_failures: int) -> ManagedLayer:
+        layer = plan.layer_cls(plan.module)
+        method = plan.method
+        dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+        curvature = curvature_class(method)(
+            method, layer.dims, device=layer.weight.device, dtype=dtype, name=plan.name, max_failures=max_failures
+        )
+        capture = LayerCapture(plan.name, layer, method.kfac_approx, dtype, curvature.accumulate, self._passes)
+        return ManagedLayer(plan.name, layer, method, curvature, capture)
+
+    # -- parameters -----------------------------------------------------------
+    def managed_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of every managed layer, by layer name."""
+        return {name: m.layer.params for name, m in self.layers.items()}
+
+    def fallback_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters outside the managed layers (for the fallback rule)."""
+        managed = {id(p) for m in self.layers.values() for p in m.layer.params}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in managed]
+
+    # -- the step ---------------------------------------------------------------
+    def _schedule_capture(self) -> None:
+        for m in self.layers.values():
+            m.capture.active = self.steps % m.method.statistics_every == 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Fold statistics, refresh what is due, overwrite ``.grad`` with preconditioned gradients."""
+        self.precondition()
+
+    @torch.no_grad()
+    def precondition(self, *, inner_products: bool = False) -> dict[str, Tensor]:
+        """:meth:`step`, optionally returning ``⟨V, ∇⟩`` per preconditioned layer.
+
+        The inner products (0-d tensors, no host sync) serve the optimizer's
+        KL-style clipping.
+        """
+        inner: dict[str, Tensor] = {}
+        for name, m in self.layers.items():
+            m.curvature.update(self.steps, m.capture.take())
+            grad = m.layer.grad_matrix()
+            if grad is None:
+                continue
+            if not m.curvature.ready:
+                self._warn_no_statistics(m)
+                continue
+            direction = m.curvature.precondition(grad)
+            if inner_products:
+                inner[name] = torch.sum(direction * grad.to(direction.dtype))
+            m.layer.write_grad(direction)
+        self.steps += 1
+        self._schedule_capture()
+        return inner
+
+    def skip(self) -> None:
+        """Drop the statistics captured since the last step; change nothing else."""
+        for m in self.layers.values():
+            m.capture.take()
+            m.curvature.discard()
+
+    @staticmethod
+    def _warn_no_statistics(m: ManagedLayer) -> None:
+        if not m.warned_no_statistics:
+            m.warned_no_statistics = True
+            warnings.warn(
+                f"layer {m.name!r} has a gradient but no curvature statistics yet "
+                "(is it used through a functional path rather than called?); its "
+                "gradient is used without preconditioning until statistics arrive",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    # -- state --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: step counter and each layer's curvature state."""
+        return {
+            "steps": self.steps,
+            "layers": {
+                name: {"method": m.method.summary(), "curvature": m.curvature.state_dict()}
+                for name, m in self.layers.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; layers and methods must match."""
+        saved = state["layers"]
+        if set(saved) != set(self.layers):
+            missing, extra = sorted(set(self.layers) - set(saved)), sorted(set(saved) - set(self.layers))
+            raise ValueError(
+                f"checkpoint does not match the managed layers: missing {missing}, unexpected {extra}"
+            )
+        for name, m in self.layers.items():
+            if saved[name]["method"] != m.method.summary():
+                raise ValueError(
+                    f"layer {name!r}: checkpoint was made with {saved[name]['method']}, "
+                    f"this preconditioner uses {m.method.summary()}"
+                )
+        for name, m in self.layers.items():
+            m.curvature.load_state_dict(saved[name]["curvature"])
+        self.steps = int(state["steps"])
+        self._schedule_capture()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of persistent curvature state per managed layer."""
+        return {name: m.curvature.memory_bytes() for name, m in self.layers.items()}
+
+    def describe(self) -> str:
+        """Table of managed layers (method, actual state bytes) and fallback modules."""
+        rows = []
+        for name, m in self.layers.items():
+            note = m.curvature.note()
+            if not m.curvature.ready:
+                note = (note + "; " if note else "") + "no statistics yet"
+            rows.append(
+                [name, type(m.layer.module).__name__, m.layer.shape_text, m.method.summary(),
+                 format_bytes(m.curvature.memory_bytes()), note]
+            )
+        for p in self.fallback_plans:
+            rows.append([p.name or "(root)", type(p.module).__name__, "", "fallback", "", p.note])
+        total = sum(self.memory_bytes().values())
+        table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
+        return f"{table}\ncurvature state: {format_bytes(total)}"
+
+    def remove(self) -> None:
+        """Remove every hook from the model."""
+        self._passes.remove()
+        for m in self.layers.values():
+            m.capture.remove()
