@@ -38,7 +38,7 @@ demo: $(VENV)/.bench
 	$(VENV)/bin/singd-rkfac demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest -x -q -n 2
+	$(PY) -m pytest -x -q
 
 docs: $(VENV)/.docs
 	$(VENV)/bin/mkdocs build --strict

@@ -76,21 +76,21 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError("clip must be > 0 or None (got 0)")
         if fallback not in FALLBACK_RULES:
             raise ValueError(f"fallback must be one of {FALLBACK_RULES} (got {fallback!r})")
-        self.preconditioner = Preconditioner(model, policy, max_decomposition_failures=max_decomposition_failures)
-        self.clip = clip
-        self.fallback = fallback
         defaults = {
             "lr": lr, "momentum": momentum, "nesterov": bool(nesterov),
             "weight_decay": weight_decay, "decoupled_weight_decay": bool(decoupled_weight_decay),
         }
+        fallback_group = self._fallback_group(fallback, defaults, fallback_options or {})
+        self.preconditioner = Preconditioner(model, policy, max_decomposition_failures=max_decomposition_failures)
+        self.clip = clip
+        self.fallback = fallback
         groups: list[dict[str, Any]] = [
             {"params": params, "name": name, "rule": "curvature"}
             for name, params in self.preconditioner.managed_parameters().items()
         ]
         rest = self.preconditioner.fallback_parameters()
         if rest:
-            groups.append({"params": rest, "name": "fallback", "rule": fallback,
-                           **self._fallback_group(fallback, defaults, fallback_options or {})})
+            groups.append({"params": rest, "name": "fallback", "rule": fallback, **fallback_group})
         if not groups:
             raise ValueError("model has no trainable parameters")
         super().__init__(groups, defaults)

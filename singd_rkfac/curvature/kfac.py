@@ -54,7 +54,7 @@ class DenseFactor:
         batch = self.staged.mul_(scale)
         self.staged = None
         finite = torch.isfinite(batch).all()
-        weight = torch.where(self.initialized, ema, 0.0).to(batch.dtype)
+        weight = self.initialized.to(batch.dtype) * ema  # in the factor's dtype: ρ exact in fp64
         averaged = torch.lerp(batch, self.value, weight)
         self.value = torch.where(finite, averaged, self.value)
         self.initialized = self.initialized | finite

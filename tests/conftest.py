@@ -1,0 +1,32 @@
+"""Shared fixtures: small deterministic models and batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def mlp(dtype: torch.dtype = torch.float64, inplace: bool = False) -> nn.Sequential:
+    """A small tanh/ReLU MLP: 6 → 7 → 5 → 3."""
+    return nn.Sequential(
+        nn.Linear(6, 7), nn.ReLU(inplace=inplace), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).to(dtype)
+
+
+def cnn(dtype: torch.dtype = torch.float64, **conv_kwargs) -> nn.Sequential:
+    """Conv2d(2→3) with the given kwargs, ReLU, flatten, Linear(→4), on 2×8×8 inputs."""
+    conv = nn.Conv2d(2, 3, **{"kernel_size": 3, **conv_kwargs})
+    with torch.no_grad():
+        features = conv(torch.zeros(1, 2, 8, 8)).numel()
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(features, 4)).to(dtype)
+
+
+def classification_batch(n: int, shape: tuple[int, ...], classes: int, dtype=torch.float64):
+    """Inputs ``(n, *shape)`` and integer labels."""
+    return torch.randn(n, *shape, dtype=dtype), torch.randint(0, classes, (n,))
