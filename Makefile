@@ -22,7 +22,7 @@ $(VENV)/.bench: $(VENV)/.base pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e ".[test,bench]"
+	$(PIP) install -q -e ".[test,bench,docs]"
 	# curvlinops declares backpack-for-pytorch, which pulls torchvision and a
 	# multi-GB torch; its K-FAC operators need neither, so install it without
 	# dependencies and add the few it imports by hand.

@@ -1,6 +1,6 @@
 """Per-layer curvature methods: frozen, validated configuration dataclasses.
 
-A method says *how* one layer is preconditioned; the :class:`~singd_rkfac.Policy`
+A method says *how* one layer is preconditioned; the `Policy`
 says *which* layer gets which method. Every config is immutable and checks its
 fields at construction, so a bad value fails where it is written, with a
 ``ValueError`` that names the field and the allowed range.
@@ -64,7 +64,7 @@ def check_float(
 class Method:
     """Base class of every per-layer method config."""
 
-    #: Lowercase name used by :meth:`Policy.from_dict` and TOML files.
+    #: Lowercase name used by `Policy.from_dict` and TOML files.
     name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:

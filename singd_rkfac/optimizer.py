@@ -47,7 +47,7 @@ class Optimizer(torch.optim.Optimizer):
         fallback_options: overrides for the fallback group (``lr``,
             ``weight_decay``; SGD: ``momentum``, ``nesterov``,
             ``decoupled_weight_decay``; AdamW: ``betas``, ``eps``).
-        max_decomposition_failures: see :class:`Preconditioner`.
+        max_decomposition_failures: see `Preconditioner`.
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class Optimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; curvature tensors keep their own dtypes."""
+        """Restore `state_dict` output; curvature tensors keep their own dtypes."""
         state_dict = dict(state_dict)
         curvature = state_dict.pop("preconditioner", None)
         if curvature is None:

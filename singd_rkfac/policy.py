@@ -1,6 +1,6 @@
 """Which layer gets which method: rules, resolution, configs from dicts and TOML.
 
-A :class:`Policy` is a default method plus an ordered list of rules. A rule
+A `Policy` is a default method plus an ordered list of rules. A rule
 matches a module by a glob on its qualified name, by its class, or by a
 callable ``(name, module) -> bool``; the first matching rule wins, and
 supported layers that no rule matches get the default. Modules that own
@@ -68,9 +68,10 @@ class Rule:
     """One policy rule: modules that ``match`` get ``method``.
 
     ``match`` is a glob on the qualified module name (``"features.*"``), a
-    module class (subclasses match too), a class name string (``"Conv2d"``,
-    from TOML), or a callable ``(name, module) -> bool``. ``type_name``, when
-    given (TOML ``type = "Conv2d"``), must match as well.
+    module class (subclasses match too), or a callable
+    ``(name, module) -> bool``. ``type_name`` (TOML ``type = "Conv2d"``) names
+    a class — ``"Conv2d"``, ``"torch.nn.Conv2d"`` or a full dotted path, bases
+    included — and must match as well; a rule may give only ``type_name``.
     """
 
     match: Matcher | None
@@ -166,7 +167,7 @@ class Policy:
         return self.default
 
     def plan(self, model: nn.Module) -> list[LayerPlan]:
-        """A :class:`LayerPlan` for every module that owns trainable parameters."""
+        """A `LayerPlan` for every module that owns trainable parameters."""
         # nn.MultiheadAttention uses out_proj's weight through the functional
         # path and never calls the module, so no statistics could be captured.
         functional = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}

@@ -1,8 +1,8 @@
 """The preconditioner: owns the managed layers, their hooks, schedules and state.
 
-:class:`Preconditioner` can be used on its own (its :meth:`~Preconditioner.step`
+`Preconditioner` can be used on its own (its `step`
 overwrites ``.grad`` of the managed parameters, so any optimizer can take the
-step) and is the engine inside :class:`~singd_rkfac.Optimizer`.
+step) and is the engine inside `Optimizer`.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ class Preconditioner:
         model: the network (hooks are installed on its managed modules).
         policy: which method each layer gets (default: ``Policy()``, K-FAC everywhere).
         max_decomposition_failures: consecutive failed decompositions of one
-            layer after which a :class:`~singd_rkfac.linalg.DecompositionError` is raised.
+            layer after which a `DecompositionError` is raised.
 
-    Call :meth:`step` after ``backward()`` and before the optimizer's step.
+    Call `step` after ``backward()`` and before the optimizer's step.
     """
 
     def __init__(
@@ -111,7 +111,7 @@ class Preconditioner:
 
     @torch.no_grad()
     def precondition(self, *, inner_products: bool = False) -> dict[str, Tensor]:
-        """:meth:`step`, optionally returning ``⟨V, ∇⟩`` per preconditioned layer.
+        """`step`, optionally returning ``⟨V, ∇⟩`` per preconditioned layer.
 
         The inner products (0-d tensors, no host sync) serve the optimizer's
         KL-style clipping.
@@ -163,7 +163,7 @@ class Preconditioner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; layers and methods must match."""
+        """Restore `state_dict` output; layers and methods must match."""
         saved = state["layers"]
         if set(saved) != set(self.layers):
             missing, extra = sorted(set(self.layers) - set(saved)), sorted(set(saved) - set(self.layers))

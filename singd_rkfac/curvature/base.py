@@ -107,7 +107,7 @@ class Curvature(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (dtypes and devices of this instance kept)."""
+        """Restore `state_dict` output (dtypes and devices of this instance kept)."""
 
     def memory_bytes(self) -> int:
         """Bytes of persistent tensor state."""

@@ -1,6 +1,6 @@
 """How a module family turns (input, grad_output) into Kronecker-factor rows.
 
-A :class:`Layer` wraps one module and knows three things: the factor rows
+A `Layer` wraps one module and knows three things: the factor rows
 ``a`` (m × d_a, with a trailing ones column when the layer has a trainable
 bias) and ``g`` (m × d_g) of one call, and how to view the gradient
 ``[∇W | ∇b]`` as a ``d_g × d_a`` matrix and write a preconditioned one back.

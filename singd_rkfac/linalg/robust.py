@@ -3,7 +3,7 @@
 DESIGN §5: check the input is finite; try the decomposition in its own dtype
 (at least fp32); on failure retry in fp64, then with growing diagonal jitter.
 A caller that still gets ``None`` keeps its previous decomposition and reports
-the failure to a :class:`FailureTracker`, which warns once per layer and raises
+the failure to a `FailureTracker`, which warns once per layer and raises
 after a configurable number of consecutive failures.
 
 These run only on decomposition steps (every ``inverse_every`` steps), never on
@@ -87,7 +87,7 @@ class FailureTracker:
     """Counts consecutive decomposition failures of one layer.
 
     Warns once per layer on the first failure and raises
-    :class:`DecompositionError` once ``max_failures`` happen in a row.
+    `DecompositionError` once ``max_failures`` happen in a row.
     """
 
     def __init__(self, layer_name: str, max_failures: int) -> None:
