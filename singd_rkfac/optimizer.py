@@ -42,7 +42,10 @@ class Optimizer(torch.optim.Optimizer):
             applied as ``W ← (1 − lr·γ) W`` (``decoupled_weight_decay=True``).
         decoupled_weight_decay: see ``weight_decay``.
         clip: KL-style norm constraint κ: scales the preconditioned gradients by
-            ``min(1, sqrt(κ / |Σ lr² ⟨V, ∇⟩|))``; ``None`` = off.
+            ``min(1, sqrt(κ / |Σ lr² ⟨V, ∇⟩|))``; ``None`` = off. On by default:
+            with the default damping an early, stale inverse can otherwise take
+            steps many times the weights' norm (kfac-pytorch pairs the same
+            damping with the same ``kl_clip``).
         fallback: ``"sgd"`` or ``"adamw"`` for parameters outside managed layers.
         fallback_options: overrides for the fallback group (``lr``,
             ``weight_decay``; SGD: ``momentum``, ``nesterov``,
@@ -60,7 +63,7 @@ class Optimizer(torch.optim.Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
-        clip: float | None = None,
+        clip: float | None = 1e-3,
         fallback: str = "sgd",
         fallback_options: Mapping[str, Any] | None = None,
         max_decomposition_failures: int = 10,

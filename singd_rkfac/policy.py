@@ -129,6 +129,12 @@ class LayerPlan:
     warn: bool = False
 
 
+def fallback_row(plan: LayerPlan) -> list[str]:
+    """A ``describe()`` table row for a module left to the fallback rule."""
+    shapes = ", ".join("×".join(map(str, p.shape)) for p in plan.module.parameters(recurse=False) if p.requires_grad)
+    return [plan.name or "(root)", type(plan.module).__name__, shapes, "fallback", "", plan.note]
+
+
 def _owns_trainable_parameters(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
@@ -204,7 +210,7 @@ class Policy:
         total = 0
         for p in self.plan(model):
             if p.method is None:
-                rows.append([p.name or "(root)", type(p.module).__name__, "", "fallback", "", p.note])
+                rows.append(fallback_row(p))
                 continue
             layer = p.layer_cls(p.module)
             dtype = torch.promote_types(layer.weight.dtype, torch.float32)

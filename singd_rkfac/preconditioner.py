@@ -19,7 +19,7 @@ from .capture import ForwardPasses, LayerCapture
 from .curvature import Curvature, curvature_class
 from .layers import Layer
 from .methods import CurvatureMethod
-from .policy import LayerPlan, Policy
+from .policy import LayerPlan, Policy, fallback_row
 
 __all__ = ["Preconditioner", "ManagedLayer"]
 
@@ -196,8 +196,7 @@ class Preconditioner:
                 [name, type(m.layer.module).__name__, m.layer.shape_text, m.method.summary(),
                  format_bytes(m.curvature.memory_bytes()), note]
             )
-        for p in self.fallback_plans:
-            rows.append([p.name or "(root)", type(p.module).__name__, "", "fallback", "", p.note])
+        rows.extend(fallback_row(p) for p in self.fallback_plans)
         total = sum(self.memory_bytes().values())
         table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
         return f"{table}\ncurvature state: {format_bytes(total)}"

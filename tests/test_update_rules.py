@@ -69,7 +69,7 @@ def test_managed_layers_step_with_the_preconditioned_gradient():
     model = mlp()
     twin = copy.deepcopy(model)
     policy = sr.Policy(sr.KFAC(damping=1e-2))
-    opt = sr.Optimizer(model, policy, lr=0.3)
+    opt = sr.Optimizer(model, policy, lr=0.3, clip=None)
     pre = sr.Preconditioner(twin, policy)
     x, y = classification_batch(8, (6,), 3)
     for net in (model, twin):
