@@ -1,4 +1,4 @@
-"""The documentation's examples run, and the site builds in strict mode.
+"""The README's and the documentation's examples run; the site builds in strict mode.
 
 Every ```python block of a page runs, in order, in one namespace per page, in
 a temporary directory where each ```toml block whose first line is
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
 
