@@ -50,7 +50,9 @@ def _robust(
     wide = matrix.double()
     scale = wide.diagonal().abs().mean().clamp_min(torch.finfo(torch.float64).tiny)
     eye = torch.eye(matrix.shape[0], dtype=wide.dtype, device=wide.device)
-    for jitter in (0.0, *JITTERS):
+    # an fp64 input has already had its plain attempt: go straight to jitter
+    retries = JITTERS if matrix.dtype == torch.float64 else (0.0, *JITTERS)
+    for jitter in retries:
         result = _attempt(decompose, wide + (jitter * scale) * eye)
         if result is not None:
             return tuple(t.to(matrix.dtype) for t in result)
