@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+from . import structures
 from .linalg import DecompositionError
-from .methods import KFAC, CurvatureMethod, Method, Skip
+from .methods import KFAC, SINGD, CurvatureMethod, Method, Skip
 from .optimizer import Optimizer
 from .policy import Policy, Rule
 from .preconditioner import Preconditioner
@@ -25,5 +26,7 @@ __all__ = [
     "Policy",
     "Preconditioner",
     "Rule",
+    "SINGD",
     "Skip",
+    "structures",
 ]

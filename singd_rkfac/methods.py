@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-__all__ = ["Method", "Skip", "CurvatureMethod", "KFAC", "METHODS"]
+import torch
+
+from .structures import STRUCTURES, Block, Hierarchical, LowRank, Structure, Toeplitz
+
+__all__ = ["Method", "Skip", "CurvatureMethod", "KFAC", "SINGD", "METHODS"]
 
 KFAC_APPROX = ("expand", "reduce")
 LOSS_AVERAGE = ("batch", None)
@@ -60,6 +64,12 @@ def check_float(
         _fail(method, field, f"a finite number in {lo}{low}, {high}{hi}", value)
 
 
+def _show(value: Any) -> str:
+    if callable(value) and not isinstance(value, type):
+        return getattr(value, "__qualname__", type(value).__name__)
+    return repr(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Method:
     """Base class of every per-layer method config."""
@@ -74,9 +84,13 @@ class Method:
         """Check every field; raise ``ValueError`` naming the first bad one."""
 
     def summary(self) -> str:
-        """Short text: the name and every field that differs from its default."""
+        """Short text: the name and every field that differs from its default.
+
+        Callables (schedules) show by qualified name, so the text is the same in
+        every process (checkpoints compare it).
+        """
         changed = [
-            f"{f.name}={getattr(self, f.name)!r}"
+            f"{f.name}={_show(getattr(self, f.name))}"
             for f in fields(self)
             if getattr(self, f.name) != f.default
         ]
@@ -183,5 +197,129 @@ class KFAC(CurvatureMethod):
         return self.g or self.inverse
 
 
+SINGD_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: SINGD's size fields and the structure each one sizes when structures are given by name.
+_SIZE_FIELDS: dict[str, tuple[str, ...]] = {
+    "block_size": ("block",),
+    "rank": ("lowrank",),
+    "k1": ("hierarchical",),
+    "k2": ("hierarchical",),
+    "lower": ("lowrank", "toeplitz"),
+}
+#: How a named structure takes its sizes from SINGD's fields (spec field ← SINGD field).
+_SIZE_ARGUMENTS: dict[str, dict[str, str]] = {
+    "block": {"size": "block_size"},
+    "lowrank": {"rank": "rank", "lower": "lower"},
+    "hierarchical": {"k1": "k1", "k2": "k2"},
+    "toeplitz": {"lower": "lower"},
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SINGD(CurvatureMethod):
+    """Inverse-free structured K-FAC (SINGD / INGD, or IKFAC with ``kfac_like``).
+
+    Keeps ``K`` (``d_a × d_a``) and ``C`` (``d_g × d_g``) in a structure and
+    updates them with products only, so all state can live in bf16/fp16; the
+    preconditioned gradient is ``C Cᵀ ∇W K Kᵀ``. DESIGN §3.3.
+
+    Attributes:
+        structure: structure of ``K`` (and of ``C`` unless ``structure_g``): a
+            name (``"dense"``, ``"diagonal"``, ``"block"``, ``"lowrank"``,
+            ``"hierarchical"``, ``"toeplitz"``) or a `sr.structures` object.
+        structure_g: structure of ``C`` (``None`` = same as ``structure``).
+        block_size, rank, k1, k2, lower: sizes of structures given by name
+            (``None`` = the structure's default); a size no named structure
+            uses is an error. Sizes above a layer's dimension are clipped
+            (``describe()`` notes it).
+        dtype: dtype of ``K``, ``C``, their momenta and the statistics
+            (``None`` = the parameter's dtype); bf16/fp16 are supported.
+        lr_cov: β₁, step size of the ``K``/``C`` updates; a float or a
+            callable ``step -> float``.
+        alpha1: Riemannian momentum α₁ on ``m_K``/``m_C`` in ``[0, 1)``
+            (``None`` = 0.5, or 0 with ``kfac_like``).
+        kfac_like: the IKFAC update, whose fixed point is ``K Kᵀ = (A + λI)⁻¹``.
+        normalize_lr_cov: normalized updates: ``β₁ / max(1, max|m|)``.
+        update_every: capture statistics and update ``K``/``C`` every this many steps (T).
+    """
+
+    name: ClassVar[str] = "singd"
+
+    structure: str | Structure = "dense"
+    structure_g: str | Structure | None = None
+    block_size: int | None = None
+    rank: int | None = None
+    k1: int | None = None
+    k2: int | None = None
+    lower: bool | None = None
+    dtype: torch.dtype | None = None
+    lr_cov: float | Callable[[int], float] = 1e-2
+    alpha1: float | None = None
+    kfac_like: bool = False
+    normalize_lr_cov: bool = True
+    update_every: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        named = set()
+        for side in ("structure", "structure_g"):
+            value = getattr(self, side)
+            if isinstance(value, str) and value in STRUCTURES:
+                named.add(value)
+            elif not (isinstance(value, Structure) or (side == "structure_g" and value is None)):
+                _fail(self, side, "one of " + ", ".join(map(repr, STRUCTURES)) + " or a sr.structures object", value)
+        for size, users in _SIZE_FIELDS.items():
+            if getattr(self, size) is not None and not named.intersection(users):
+                _fail(self, size, f"None unless a structure is given by name as {' or '.join(map(repr, users))}", getattr(self, size))
+        for size, minimum in (("block_size", 1), ("rank", 1), ("k1", 0), ("k2", 0)):
+            if getattr(self, size) is not None:
+                check_int(self, size, minimum)
+        for flag in ("lower", "kfac_like", "normalize_lr_cov"):
+            value = getattr(self, flag)
+            if not (isinstance(value, bool) or (flag == "lower" and value is None)):
+                _fail(self, flag, "a bool", value)
+        check_choice(self, "dtype", SINGD_DTYPES)
+        if not callable(self.lr_cov):
+            check_float(self, "lr_cov", 0.0, low_open=True)
+        if self.alpha1 is not None:
+            check_float(self, "alpha1", 0.0, 1.0, high_open=True)
+            if self.kfac_like and self.alpha1 != 0.0:
+                _fail(self, "alpha1", "None or 0 with kfac_like=True (IKFAC has no Riemannian momentum)", self.alpha1)
+        check_int(self, "update_every", 1)
+
+    def _named_structure(self, name: str) -> Structure:
+        sizes = {arg: getattr(self, field) for arg, field in _SIZE_ARGUMENTS.get(name, {}).items()}
+        return STRUCTURES[name](**{arg: value for arg, value in sizes.items() if value is not None})
+
+    def _resolve(self, value: str | Structure) -> Structure:
+        return value if isinstance(value, Structure) else self._named_structure(value)
+
+    @property
+    def k_structure(self) -> Structure:
+        """Structure of ``K`` (input side, ``d_a × d_a``)."""
+        return self._resolve(self.structure)
+
+    @property
+    def c_structure(self) -> Structure:
+        """Structure of ``C`` (output side, ``d_g × d_g``)."""
+        return self._resolve(self.structure if self.structure_g is None else self.structure_g)
+
+    @property
+    def momentum(self) -> float:
+        """α₁ in effect (0.5 by default, 0 for IKFAC)."""
+        if self.alpha1 is not None:
+            return float(self.alpha1)
+        return 0.0 if self.kfac_like else 0.5
+
+    def lr_cov_at(self, step: int) -> float:
+        """β₁ at ``step`` (evaluates a schedule)."""
+        return float(self.lr_cov(step)) if callable(self.lr_cov) else float(self.lr_cov)
+
+    @property
+    def statistics_every(self) -> int:
+        return self.update_every
+
+
 #: Every method config by its lowercase name (the ``from_dict`` / TOML form).
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (KFAC, Skip)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (KFAC, SINGD, Skip)}

@@ -164,6 +164,16 @@ class Optimizer(torch.optim.Optimizer):
         """Persistent curvature-state bytes per managed layer."""
         return self.preconditioner.memory_bytes()
 
+    def state_bytes(self) -> int:
+        """All persistent optimizer state: update-rule buffers (momenta, Adam moments) plus curvature."""
+        buffers = sum(
+            t.numel() * t.element_size()
+            for state in self.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        )
+        return buffers + sum(self.memory_bytes().values())
+
     def describe(self) -> str:
         """The resolved policy with actual state sizes, and the update rules."""
         rules = f"update: lr={self.defaults['lr']}, momentum={self.defaults['momentum']}, " \

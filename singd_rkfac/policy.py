@@ -213,10 +213,12 @@ class Policy:
                 rows.append(fallback_row(p))
                 continue
             layer = p.layer_cls(p.module)
-            dtype = torch.promote_types(layer.weight.dtype, torch.float32)
-            size = curvature_class(p.method).estimate_bytes(p.method, layer.dims, dtype)
+            implementation = curvature_class(p.method)
+            dtype = implementation.state_dtype(p.method, layer.weight.dtype)
+            size = implementation.estimate_bytes(p.method, layer.dims, dtype)
             total += size
-            rows.append([p.name, type(p.module).__name__, layer.shape_text, p.method.summary(), format_bytes(size), ""])
+            note = implementation.describe_note(p.method, layer.dims)
+            rows.append([p.name, type(p.module).__name__, layer.shape_text, p.method.summary(), format_bytes(size), note])
         table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
         return f"{table}\ncurvature state (estimated): {format_bytes(total)}"
 

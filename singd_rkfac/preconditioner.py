@@ -82,8 +82,9 @@ class Preconditioner:
     def _manage(self, plan: LayerPlan, max_failures: int) -> ManagedLayer:
         layer = plan.layer_cls(plan.module)
         method = plan.method
-        dtype = torch.promote_types(layer.weight.dtype, torch.float32)
-        curvature = curvature_class(method)(
+        implementation = curvature_class(method)
+        dtype = implementation.state_dtype(method, layer.weight.dtype)
+        curvature = implementation(
             method, layer.dims, device=layer.weight.device, dtype=dtype, name=plan.name, max_failures=max_failures
         )
         capture = LayerCapture(plan.name, layer, method.kfac_approx, dtype, curvature.accumulate, self._passes)
@@ -127,7 +128,8 @@ class Preconditioner:
                 continue
             direction = m.curvature.precondition(grad)
             if inner_products:
-                inner[name] = torch.sum(direction * grad.to(direction.dtype))
+                work = torch.promote_types(direction.dtype, torch.float32)
+                inner[name] = torch.vdot(direction.reshape(-1).to(work), grad.reshape(-1).to(work))
             m.layer.write_grad(direction)
         self.steps += 1
         self._schedule_capture()

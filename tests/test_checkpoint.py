@@ -28,6 +28,8 @@ METHODS = {
     "pi-eigh": sr.KFAC(stats_every=2, inverse_every=3, ema=0.9),
     "exact": sr.KFAC(damping_mode="exact", inverse_every=2),
     "cholesky-reduce": sr.KFAC(inverse="cholesky", kfac_approx="reduce", inverse_every=4),
+    "singd-block-T2": sr.SINGD(structure="block", block_size=4, update_every=2),
+    "ikfac-hierarchical": sr.SINGD(structure="hierarchical", k1=2, k2=3, kfac_like=True, update_every=1),
 }
 
 
@@ -77,6 +79,23 @@ def test_factors_keep_their_dtype_across_save_and_load():
     assert curvature.a_factor.value.dtype == torch.float32
     assert curvature.a_factor.inverse.dtype == torch.float32
     torch.testing.assert_close(curvature.a_factor.value, opt.preconditioner.layers["0"].curvature.a_factor.value, rtol=0, atol=0)
+
+
+def test_singd_state_keeps_bf16_across_save_and_load():
+    model = nn.Sequential(nn.Linear(4, 3))
+    policy = sr.Policy(sr.SINGD(structure="toeplitz", dtype=torch.bfloat16, update_every=1))
+    opt = sr.Optimizer(model, policy, lr=0.1)
+    model(torch.randn(8, 4)).square().mean().backward()
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = sr.Optimizer(model, policy, lr=0.1)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    saved, loaded = opt.preconditioner.layers["0"].curvature, fresh.preconditioner.layers["0"].curvature
+    for name in ("K", "C", "m_K", "m_C"):
+        want, got = getattr(saved, name).coeffs, getattr(loaded, name).coeffs
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 def test_loading_into_a_different_policy_is_a_clear_error():

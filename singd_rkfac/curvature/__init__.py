@@ -5,11 +5,12 @@ from __future__ import annotations
 from ..methods import CurvatureMethod
 from .base import BatchCounts, Curvature
 from .kfac import KFACCurvature
+from .singd import SINGDCurvature
 
-__all__ = ["BatchCounts", "Curvature", "KFACCurvature", "curvature_class"]
+__all__ = ["BatchCounts", "Curvature", "KFACCurvature", "SINGDCurvature", "curvature_class"]
 
 #: Implementations; a method config is served by the first whose types it is an instance of.
-CURVATURE_CLASSES: tuple[type[Curvature], ...] = (KFACCurvature,)
+CURVATURE_CLASSES: tuple[type[Curvature], ...] = (KFACCurvature, SINGDCurvature)
 
 
 def curvature_class(method: CurvatureMethod) -> type[Curvature]:

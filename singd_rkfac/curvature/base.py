@@ -115,7 +115,17 @@ class Curvature(ABC):
 
     def note(self) -> str:
         """Extra text for ``describe()`` (e.g. a fallback chosen for one factor)."""
+        return self.describe_note(self.method, self.dims)
+
+    @classmethod
+    def describe_note(cls, method: CurvatureMethod, dims: LayerDims) -> str:
+        """Note for ``describe()`` known before construction (structures, clipped sizes)."""
         return ""
+
+    @classmethod
+    def state_dtype(cls, method: CurvatureMethod, param_dtype: torch.dtype) -> torch.dtype:
+        """Dtype of the layer's curvature state and captured rows (fp32 at least by default)."""
+        return torch.promote_types(param_dtype, torch.float32)
 
     @classmethod
     @abstractmethod

@@ -1,0 +1,159 @@
+"""SINGD: inverse-free structured Kronecker factors (DESIGN §3.3).
+
+Per layer ``K`` (``d_a × d_a``) and ``C`` (``d_g × d_g``) start at the
+identity and move by products only::
+
+    H_K = Π(Kᵀ A K)          H_C = Π(Cᵀ G C)                (from the rows, no d×d)
+    INGD:  m̂_K = s (mt(H_C) H_K + λ mt(Π(CᵀC)) Π(KᵀK) − I)   (C alike)
+    IKFAC: m̂_K = s (H_K + λ Π(KᵀK) − I)
+    m_K ← α₁ m_K + m̂_K,   K ← K − β₁ K m_K
+
+with ``s = ½`` (``½(1 − α₁)`` and ``β₁ / max(1, max|m_K|)`` when
+normalized). The preconditioned gradient is ``C Cᵀ ∇W K Kᵀ``. All of it runs
+in the method's ``dtype`` (bf16/fp16 allowed); the staged ``H`` terms of an
+fp16 layer are kept in fp32 until they are averaged. An update whose result
+is not finite is dropped by ``torch.where`` — no host sync, no NaN in state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..layers import LayerDims
+from ..methods import SINGD
+from ..structures import StructuredMatrix
+from .base import BatchCounts, Curvature
+
+__all__ = ["SINGDCurvature"]
+
+
+def _select(ok: Tensor, new: StructuredMatrix, old: StructuredMatrix) -> StructuredMatrix:
+    """``new`` where ``ok`` else ``old``, part by part."""
+    return new._with({name: torch.where(ok, t, old.tensors()[name]) for name, t in new.tensors().items()})
+
+
+class SINGDCurvature(Curvature):
+    """Structured ``K``, ``C`` and (with α₁ > 0) their Riemannian momenta."""
+
+    method_types = (SINGD,)
+    method: SINGD
+
+    def __init__(self, method: SINGD, dims: LayerDims, **kwargs: Any) -> None:
+        super().__init__(method, dims, **kwargs)
+        factory = {"dtype": self.dtype, "device": self.device}
+        self.K = method.k_structure.eye(dims.d_a, **factory)
+        self.C = method.c_structure.eye(dims.d_g, **factory)
+        self.alpha1 = method.momentum
+        self.m_K = self.K.zeros_like() if self.alpha1 else None
+        self.m_C = self.C.zeros_like() if self.alpha1 else None
+        #: fp16 products of many rows overflow or underflow: stage those in fp32.
+        self.stage_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        self.H_K: StructuredMatrix | None = None
+        self.H_C: StructuredMatrix | None = None
+        self.updates = 0
+
+    @classmethod
+    def state_dtype(cls, method: SINGD, param_dtype: torch.dtype) -> torch.dtype:
+        return method.dtype or param_dtype
+
+    # -- statistics -------------------------------------------------------------
+    def accumulate(self, a: Tensor, g: Tensor) -> None:
+        h_k = self.K.project_gram(self.K.rmatmat(a.T).to(self.stage_dtype))
+        h_c = self.C.project_gram(self.C.rmatmat(g.T).to(self.stage_dtype))
+        self.H_K = h_k if self.H_K is None else self.H_K.add_(h_k)
+        self.H_C = h_c if self.H_C is None else self.H_C.add_(h_c)
+
+    def discard(self) -> None:
+        self.H_K = self.H_C = None
+
+    def update(self, step: int, counts: BatchCounts | None) -> None:
+        if counts is None or self.H_K is None or self.H_C is None:
+            return
+        h_k = self.H_K.mul_(1.0 / counts.rows).to(self.dtype)
+        h_c = self.H_C.mul_(self.g_scale(counts)).to(self.dtype)
+        self.discard()
+        self._step_factors(step, h_k, h_c)
+        self.updates += 1
+
+    def _step_factors(self, step: int, h_k: StructuredMatrix, h_c: StructuredMatrix) -> None:
+        method, damping = self.method, self.method.damping
+        k_tk, c_tc = self.K.from_inner(), self.C.from_inner()
+        if method.kfac_like:
+            coefficients = (1.0, damping, 1.0, damping)
+        else:
+            coefficients = (
+                h_c.average_trace(), damping * c_tc.average_trace(),
+                h_k.average_trace(), damping * k_tk.average_trace(),
+            )
+        scale = 0.5 * (1.0 - self.alpha1) if method.normalize_lr_cov else 0.5
+        lr_cov = method.lr_cov_at(step)
+        new_m_k = h_k.mul_(coefficients[0]).add_(k_tk, alpha=coefficients[1]).diag_add_(-1.0).mul_(scale)
+        new_m_c = h_c.mul_(coefficients[2]).add_(c_tc, alpha=coefficients[3]).diag_add_(-1.0).mul_(scale)
+        if self.alpha1:
+            new_m_k.add_(self.m_K, alpha=self.alpha1)
+            new_m_c.add_(self.m_C, alpha=self.alpha1)
+        beta_k, beta_c = (
+            (lr_cov / new_m_k.max_abs().clamp_min(1.0), lr_cov / new_m_c.max_abs().clamp_min(1.0))
+            if method.normalize_lr_cov
+            else (lr_cov, lr_cov)
+        )
+        new_k = self.K.clone().add_(self.K.matmul(new_m_k), alpha=-beta_k)
+        new_c = self.C.clone().add_(self.C.matmul(new_m_c), alpha=-beta_c)
+        ok = new_k.all_finite() & new_c.all_finite()
+        self.K, self.C = _select(ok, new_k, self.K), _select(ok, new_c, self.C)
+        if self.alpha1:
+            self.m_K, self.m_C = _select(ok, new_m_k, self.m_K), _select(ok, new_m_c, self.m_C)
+
+    # -- preconditioning -------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return True  # K = C = I is a valid (identity) preconditioner
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        right = self.K.apply_outer(grad.to(self.dtype).T).T  # ∇W K Kᵀ
+        return self.C.apply_outer(right)
+
+    # -- state ---------------------------------------------------------------------------
+    def _matrices(self) -> dict[str, StructuredMatrix]:
+        matrices = {"K": self.K, "C": self.C}
+        if self.alpha1:
+            matrices.update(m_K=self.m_K, m_C=self.m_C)
+        return matrices
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            f"{key}.{part}": tensor
+            for key, matrix in self._matrices().items()
+            for part, tensor in matrix.tensors().items()
+        }
+        state["updates"] = self.updates
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, matrix in self._matrices().items():
+            matrix.load_({part: state[f"{key}.{part}"] for part in matrix.parts})
+        self.updates = int(state["updates"])
+
+    @classmethod
+    def describe_note(cls, method: SINGD, dims: LayerDims) -> str:
+        k, c = method.k_structure, method.c_structure
+        notes = [f"K {k.summary()}, C {c.summary()}"]
+        notes += [note for note in (k.clip_note(dims.d_a), c.clip_note(dims.d_g)) if note]
+        return "; ".join(notes)
+
+    @classmethod
+    def estimate_bytes(cls, method: SINGD, dims: LayerDims, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        copies = 2 if method.momentum else 1
+        return size * copies * (method.k_structure.numel(dims.d_a) + method.c_structure.numel(dims.d_g))
+
+    @classmethod
+    def cost(cls, method: SINGD, dims: LayerDims) -> float:
+        d_a, d_g = dims.d_a, dims.d_g
+        n_k, n_c = method.k_structure.numel(d_a), method.c_structure.numel(d_g)
+        apply = 2.0 * (n_k * d_g + n_c * d_a)  # K Kᵀ on d_g columns, C Cᵀ on d_a columns
+        update = 4.0 * (n_k * d_a + n_c * d_g) / method.update_every  # Π(KᵀK), K m_K, the H terms
+        return apply + update
