@@ -30,7 +30,7 @@ from .base import BatchCounts, Curvature
 __all__ = ["SINGDCurvature"]
 
 
-def _select(ok: Tensor, new: StructuredMatrix, old: StructuredMatrix) -> StructuredMatrix:
+def _select(ok: Tensor, new: StructuredMatrix, old: StructuredMatrix) -> StructuredMatrix:  # noqa: D103
     """``new`` where ``ok`` else ``old``, part by part."""
     return new._with({name: torch.where(ok, t, old.tensors()[name]) for name, t in new.tensors().items()})
 
@@ -54,6 +54,9 @@ class SINGDCurvature(Curvature):
         self.H_K: StructuredMatrix | None = None
         self.H_C: StructuredMatrix | None = None
         self.updates = 0
+        self.KKt: StructuredMatrix | None = None
+        self.CCt: StructuredMatrix | None = None
+        self._cache_outer()
 
     @classmethod
     def state_dtype(cls, method: SINGD, param_dtype: torch.dtype) -> torch.dtype:
@@ -90,22 +93,35 @@ class SINGDCurvature(Curvature):
             )
         scale = 0.5 * (1.0 - self.alpha1) if method.normalize_lr_cov else 0.5
         lr_cov = method.lr_cov_at(step)
-        new_m_k = h_k.mul_(coefficients[0]).add_(k_tk, alpha=coefficients[1]).diag_add_(-1.0).mul_(scale)
-        new_m_c = h_c.mul_(coefficients[2]).add_(c_tc, alpha=coefficients[3]).diag_add_(-1.0).mul_(scale)
+        c = [scale * coefficient for coefficient in coefficients]
+        new_m_k = h_k.mul_(c[0]).add_(k_tk, alpha=c[1]).diag_add_(-scale)
+        new_m_c = h_c.mul_(c[2]).add_(c_tc, alpha=c[3]).diag_add_(-scale)
         if self.alpha1:
             new_m_k.add_(self.m_K, alpha=self.alpha1)
             new_m_c.add_(self.m_C, alpha=self.alpha1)
-        beta_k, beta_c = (
-            (lr_cov / new_m_k.max_abs().clamp_min(1.0), lr_cov / new_m_c.max_abs().clamp_min(1.0))
-            if method.normalize_lr_cov
-            else (lr_cov, lr_cov)
-        )
-        new_k = self.K.clone().add_(self.K.matmul(new_m_k), alpha=-beta_k)
-        new_c = self.C.clone().add_(self.C.matmul(new_m_c), alpha=-beta_c)
-        ok = new_k.all_finite() & new_c.all_finite()
-        self.K, self.C = _select(ok, new_k, self.K), _select(ok, new_c, self.C)
+        step_k, step_c = self.K.matmul(new_m_k), self.C.matmul(new_m_c)
+        # One reduction per part checks the whole update; a non-finite one changes nothing.
+        ok = torch.isfinite(sum(m.total() for m in (new_m_k, new_m_c, step_k, step_c)))
+        beta_k, beta_c = lr_cov, lr_cov
+        if method.normalize_lr_cov:
+            beta_k, beta_c = (torch.where(ok, lr_cov / m.max_abs().clamp_min(1.0), 0.0) for m in (new_m_k, new_m_c))
+        self.K.add_(step_k.where_(ok), alpha=-beta_k)
+        self.C.add_(step_c.where_(ok), alpha=-beta_c)
         if self.alpha1:
             self.m_K, self.m_C = _select(ok, new_m_k, self.m_K), _select(ok, new_m_c, self.m_C)
+        self._cache_outer()
+
+    def _cache_outer(self) -> None:
+        """Keep ``K Kᵀ`` / ``C Cᵀ`` when it stays in the structure and saves work between updates.
+
+        Applying the cached product saves one structured product per step
+        (``numel(K)·d_g`` flops); forming it costs ``numel(K)·b`` once per ``T``
+        steps (``b`` the block width, ``numel(K) = b·d_a``), so it is kept when
+        ``numel(K) < T·d_g·d_a`` (``C`` alike).
+        """
+        columns = self.method.update_every * self.dims.d_g * self.dims.d_a
+        self.KKt = self.K.outer_self() if self.K.numel() < columns else None
+        self.CCt = self.C.outer_self() if self.C.numel() < columns else None
 
     # -- preconditioning -------------------------------------------------------------
     @property
@@ -113,8 +129,9 @@ class SINGDCurvature(Curvature):
         return True  # K = C = I is a valid (identity) preconditioner
 
     def precondition(self, grad: Tensor) -> Tensor:
-        right = self.K.apply_outer(grad.to(self.dtype).T).T  # ∇W K Kᵀ
-        return self.C.apply_outer(right)
+        grad_t = grad.to(self.dtype).T
+        right = (self.KKt.mv(grad_t) if self.KKt is not None else self.K.apply_outer(grad_t)).T  # ∇W K Kᵀ
+        return self.CCt.mv(right) if self.CCt is not None else self.C.apply_outer(right)
 
     # -- state ---------------------------------------------------------------------------
     def _matrices(self) -> dict[str, StructuredMatrix]:
@@ -136,6 +153,7 @@ class SINGDCurvature(Curvature):
         for key, matrix in self._matrices().items():
             matrix.load_({part: state[f"{key}.{part}"] for part in matrix.parts})
         self.updates = int(state["updates"])
+        self._cache_outer()
 
     @classmethod
     def describe_note(cls, method: SINGD, dims: LayerDims) -> str:

@@ -119,9 +119,20 @@ class StructuredMatrix(ABC):
         """``tr(S) / d`` (0-d tensor)."""
         return self.trace() / self.dim
 
-    def all_finite(self) -> Tensor:
-        """0-d bool tensor: every part is finite."""
-        return torch.stack([torch.isfinite(t).all() for t in self.tensors().values()]).all()
+    def total(self) -> Tensor:
+        """Sum of all stored numbers in at least fp32 (0-d): non-finite iff some entry is.
+
+        One cheap reduction per part serves as the finiteness check of a whole
+        update (a finite sum of finite entries cannot overflow in fp32 here).
+        """
+        work = torch.promote_types(self.dtype, torch.float32)
+        return torch.stack([t.sum(dtype=work) for t in self.tensors().values()]).sum()
+
+    def where_(self: M, ok: Tensor) -> M:
+        """Zero every part unless the 0-d bool ``ok`` (no host sync); returns self."""
+        for name, t in self.tensors().items():
+            setattr(self, name, torch.where(ok, t, torch.zeros((), dtype=t.dtype, device=t.device)))
+        return self
 
     # -- products ------------------------------------------------------------------
     @abstractmethod
@@ -142,6 +153,10 @@ class StructuredMatrix(ABC):
     def apply_outer(self, x: Tensor) -> Tensor:
         """``S Sᵀ X`` for a dense ``(d, n)`` tensor."""
         return self.mv(self.rmatmat(x))
+
+    def outer_self(self: M) -> M | None:
+        """``S Sᵀ`` when it stays in this structure (then one product applies it), else None."""
+        return None
 
     # -- projections (SINGD's H terms) ------------------------------------------------
     @abstractmethod

@@ -40,25 +40,30 @@ class BlockMatrix(StructuredMatrix):
     def _head(self) -> int:
         return self.blocks.shape[0] * self.blocks.shape[1]
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows of ``(d, k)`` as ``(n, b, k)`` block rows and the ``(r, k)`` tail rows."""
-        head = rearrange(x[: self._head], "(n b) k -> n b k", b=self.blocks.shape[1])
-        return head, x[self._head :]
-
-    @staticmethod
-    def _join(head: Tensor, tail: Tensor) -> Tensor:
-        return torch.cat([rearrange(head, "n b k -> (n b) k"), tail])
+    def _apply(self, x: Tensor, transpose: bool) -> Tensor:
+        """``S x`` or ``Sᵀ x`` for ``x`` ``(d, k)``: one matmul per block group, no copies for dense."""
+        blocks, tail = (self.blocks.mT, self.tail.T) if transpose else (self.blocks, self.tail)
+        if not self.tail.numel() and blocks.shape[0] == 1:
+            return blocks[0] @ x  # the dense structure
+        head = blocks @ rearrange(x[: self._head], "(n b) k -> n b k", b=self.blocks.shape[1])
+        head = rearrange(head, "n b k -> (n b) k")
+        return torch.cat([head, tail @ x[self._head :]]) if self.tail.numel() else head
 
     def matmul(self, other: BlockMatrix) -> BlockMatrix:
         return BlockMatrix(self.blocks @ other.blocks, self.tail @ other.tail)
 
     def mv(self, x: Tensor) -> Tensor:
-        head, tail = self._split(x)
-        return self._join(self.blocks @ head, self.tail @ tail)
+        return self._apply(x, transpose=False)
 
     def rmatmat(self, x: Tensor) -> Tensor:
-        head, tail = self._split(x)
-        return self._join(self.blocks.mT @ head, self.tail.T @ tail)
+        return self._apply(x, transpose=True)
+
+    def outer_self(self) -> BlockMatrix:
+        return BlockMatrix(self.blocks @ self.blocks.mT, self.tail @ self.tail.T)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of ``(d, k)`` as ``(n, b, k)`` block rows and the ``(r, k)`` tail rows."""
+        return rearrange(x[: self._head], "(n b) k -> n b k", b=self.blocks.shape[1]), x[self._head :]
 
     def project_gram(self, s: Tensor) -> BlockMatrix:
         head, tail = self._split(s)
