@@ -159,7 +159,7 @@ class SINGDCurvature(Curvature):
     def describe_note(cls, method: SINGD, dims: LayerDims) -> str:
         k, c = method.k_structure, method.c_structure
         notes = [f"K {k.summary()}, C {c.summary()}"]
-        notes += [note for note in (k.clip_note(dims.d_a), c.clip_note(dims.d_g)) if note]
+        notes += [f"{side}: {note}" for side, note in (("K", k.clip_note(dims.d_a)), ("C", c.clip_note(dims.d_g))) if note]
         return "; ".join(notes)
 
     @classmethod
