@@ -144,7 +144,7 @@ class _Corners(Structure):
 
     def clip_note(self, dim: int) -> str:
         k1, k2 = self.corners
-        return f"corners {k1}+{k2} ≥ dim {dim}: clipped to {_corner_sizes(dim, k1, k2)}" if k1 + k2 > dim else ""
+        return f"corners {k1}+{k2} > dim {dim}: clipped to {_corner_sizes(dim, k1, k2)}" if k1 + k2 > dim else ""
 
 
 @dataclass(frozen=True)
