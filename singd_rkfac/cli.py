@@ -4,6 +4,8 @@ Subcommands:
 
 * ``demo`` — AdamW and K-FAC policies side by side on scikit-learn's digits.
 * ``policy FILE.toml --model NAME`` — how a policy file resolves on a built-in model.
+* ``bench NAME [ARGS...]`` / ``bench --list`` — run a benchmark script of the
+  source checkout (``benchmarks/NAME.py``, its ``main(ARGS)``).
 
 Mistakes in the input (a missing file, a bad policy, an unknown option) end
 with a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
@@ -12,6 +14,8 @@ with a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +25,13 @@ from .data import MODELS
 from .demo import DEFAULT_STEPS, QUICK_STEPS, run_demo
 from .policy import Policy
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "available_benchmarks", "load_benchmark"]
 
 USAGE_ERROR = 2
+#: The benchmark scripts of the source checkout (the package is installed editable from it).
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+#: Modules in the benchmarks folder that are not benchmarks.
+_NOT_BENCHMARKS = frozenset({"common"})
 
 
 class UsageError(Exception):
@@ -37,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
         value = int(text)
@@ -65,6 +73,65 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmarks_folder() -> Path:
+    folder = BENCHMARKS_DIR
+    if not folder.is_dir():
+        raise UsageError(
+            f"benchmarks folder not found: {folder} (bench runs the scripts of a source checkout; "
+            "install the package from a clone with pip install -e .)"
+        )
+    return folder
+
+
+def available_benchmarks() -> dict[str, str]:
+    """Benchmark name → first line of its docstring, for every ``benchmarks/NAME.py``."""
+    found = {}
+    for path in sorted(_benchmarks_folder().glob("*.py")):
+        if path.stem.startswith("_") or path.stem in _NOT_BENCHMARKS:
+            continue
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        except SyntaxError:
+            doc = "(does not parse)"
+        found[path.stem] = doc.strip().split("\n")[0]
+    return found
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/NAME.py`` of the source checkout (its folder goes on ``sys.path`` for ``common``)."""
+    names = available_benchmarks()
+    if name not in names:
+        raise UsageError(f"unknown benchmark {name!r}; available: {', '.join(names) or 'none'}")
+    folder = str(_benchmarks_folder())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module_name = f"singd_rkfac_bench_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, Path(folder) / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.list:
+        if args.name is not None:
+            raise UsageError("bench --list takes no benchmark name")
+        names = available_benchmarks()
+        width = max(map(len, names), default=0)
+        for name, doc in names.items():
+            print(f"{name.ljust(width)}  {doc}")
+        return 0
+    if args.name is None:
+        raise UsageError(f"bench needs a benchmark NAME or --list; available: {', '.join(available_benchmarks())}")
+    load_benchmark(args.name).main(list(args.args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every subcommand; each sets ``handler``."""
     parser = _Parser(prog="singd-rkfac", description="Kronecker-factored natural-gradient optimizers.")
@@ -77,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an MLP on scikit-learn's digits with AdamW and two K-FAC policies "
         "(same weights, same minibatches); print a table and write loss.png.",
     )
-    demo.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+    demo.add_argument("--steps", type=positive_int, default=None, metavar="N",
                       help=f"steps per optimizer (default: {DEFAULT_STEPS}, or {QUICK_STEPS} with --quick)")
     demo.add_argument("--out", default="demo_out", metavar="DIR", help="folder for loss.png (default: demo_out)")
     demo.add_argument("--seed", type=int, default=0, help="seed of weights, split and batch order (default: 0)")
@@ -94,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--model", choices=sorted(MODELS), default="mlp",
                         help="built-in model: mlp = digits MLP 64-128-128-10, cnn = small digits CNN (default: mlp)")
     policy.set_defaults(handler=_policy)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark of the source checkout (benchmarks/NAME.py)",
+        description="Run benchmarks/NAME.py of the source checkout with ARGS (see BENCHMARKS.md); "
+        "results go to benchmarks/results/NAME.json and NAME.png unless --out says otherwise. "
+        "'singd-rkfac bench NAME --help' shows a benchmark's options.",
+    )
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.add_argument("name", nargs="?", metavar="NAME", help="benchmark to run (see --list)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                       help="options of the benchmark, e.g. --quick, --device cuda, --out DIR")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
