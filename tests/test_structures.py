@@ -139,6 +139,7 @@ OPS = [
     ("mv", lambda s: s.K.mv(s.X), lambda o: o.K @ o.X),
     ("@ tensor", lambda s: s.K @ s.X, lambda o: o.K @ o.X),
     ("rmatmat", lambda s: s.K.rmatmat(s.X), lambda o: o.K.T @ o.X),
+    ("rmul", lambda s: s.K.rmul(s.X.T), lambda o: o.X.T @ o.K),
     ("apply_outer", lambda s: s.K.apply_outer(s.X), lambda o: o.K @ (o.K.T @ o.X)),
     ("from_inner(X)", lambda s: s.K.from_inner(s.X), lambda o: _proj(o, o.K.T @ o.X @ o.X.T @ o.K)),
     ("from_inner()", lambda s: s.K.from_inner(), lambda o: _proj(o, o.K.T @ o.K)),
@@ -224,9 +225,9 @@ def check_all(spec, d: int, n: int, seed: int, dtype: torch.dtype) -> None:
         assert all(t.dtype == dtype for t in c.tensors().values())
         assert torch.equal(c.to_dense().double(), o.K if ok else 0 * o.K), f"{tag}: where_({ok})"
 
-    # outer_self: S Sᵀ for the symmetric-pattern structures (dense, block), None for the others.
+    # outer_self: S Sᵀ for the structures that hold it (dense, block, diagonal), None for the others.
     outer = K.outer_self()
-    assert (outer is not None) == isinstance(spec, (Dense, Block)), f"{tag}: outer_self availability"
+    assert (outer is not None) == isinstance(spec, (Dense, Block, Diagonal)), f"{tag}: outer_self availability"
     if outer is not None:
         assert type(outer) is type(K) and outer.dtype == dtype
         atol = tolerance(dtype, mag.K @ mag.K.T)

@@ -129,8 +129,9 @@ class SINGDCurvature(Curvature):
         return True  # K = C = I is a valid (identity) preconditioner
 
     def precondition(self, grad: Tensor) -> Tensor:
-        grad_t = grad.to(self.dtype).T
-        right = (self.KKt.mv(grad_t) if self.KKt is not None else self.K.apply_outer(grad_t)).T  # ∇W K Kᵀ
+        grad = grad.to(self.dtype)
+        # ∇W K Kᵀ: the cached K Kᵀ is symmetric, so ∇W (K Kᵀ) = rmul
+        right = self.KKt.rmul(grad) if self.KKt is not None else self.K.apply_outer(grad.T).T
         return self.CCt.mv(right) if self.CCt is not None else self.C.apply_outer(right)
 
     # -- state ---------------------------------------------------------------------------

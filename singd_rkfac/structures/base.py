@@ -147,6 +147,10 @@ class StructuredMatrix(ABC):
     def rmatmat(self, x: Tensor) -> Tensor:
         """``Sᵀ @ X`` for a dense ``(d, n)`` tensor (correct for non-symmetric ``S``)."""
 
+    def rmul(self, y: Tensor) -> Tensor:
+        """``Y @ S`` for a dense ``(n, d)`` tensor (rows of a gradient, no transposed copies)."""
+        return self.rmatmat(y.T).T
+
     def __matmul__(self, other):
         return self.matmul(other) if isinstance(other, StructuredMatrix) else self.mv(other)
 

@@ -30,8 +30,14 @@ class DiagonalMatrix(StructuredMatrix):
 
     rmatmat = mv
 
+    def rmul(self, y: Tensor) -> Tensor:
+        return y * self.diag
+
     def apply_outer(self, x: Tensor) -> Tensor:
         return self.diag.square().unsqueeze(1) * x
+
+    def outer_self(self) -> DiagonalMatrix:
+        return DiagonalMatrix(self.diag.square())
 
     def project_gram(self, s: Tensor) -> DiagonalMatrix:
         return DiagonalMatrix(s.square().sum(1))
