@@ -39,7 +39,8 @@ SIZES = (784, 512, 512, common.NUM_CLASSES)
 QUICK_SIZES = (64, 32, common.NUM_CLASSES)
 PERIODS = (1, 10)
 STEPS = 10
-REPEATS, QUICK_REPEATS = 5, 2
+REPEATS, QUICK_REPEATS = 7, 2
+MIN_ITERATIONS = 10
 ADAMW_LR = common.ADAMW_LR
 HYPER = {"lr": 0.01, "momentum": 0.9, "damping": 1e-3, "alpha1": 0.5, "lr_cov": 1e-2,
          "normalize_lr_cov": False, "weight_decay": 0.0, "kfac_like": False, "kfac_approx": "expand"}
@@ -117,7 +118,10 @@ def run_config(label: str, period: int, sizes: tuple[int, ...], reference: type,
     torch.manual_seed(args.seed)
     base = common.mlp(sizes).to(args.device)
     # a fresh batch for every iteration (random labels are not memorised); the same sequence for all three
-    batches = common.random_batches(args.steps + args.repeats * period, sizes[0], args.device, seed=args.seed)
+    # a timed call covers whole update periods and at least MIN_ITERATIONS iterations (single
+    # iterations of a few ms are too noisy on a shared 2-core machine)
+    per_call = period * -(-MIN_ITERATIONS // period)
+    batches = common.random_batches(args.steps + args.repeats * per_call, sizes[0], args.device, seed=args.seed)
     built = build(label, period, base, reference)
     trainers = {name: common.Trainer(model, opt, batches, iterations=1) for name, (model, opt) in built.items()}
     calls = {name: quiet(t) if name == "singd" else t for name, t in trainers.items()}
@@ -137,12 +141,12 @@ def run_config(label: str, period: int, sizes: tuple[int, ...], reference: type,
         "loss_at_last_step": {name: t.last_loss() for name, t in trainers.items()},
     }
     for trainer in trainers.values():
-        trainer.iterations = period  # a timed call = one update period
+        trainer.iterations = per_call
     times = common.time_interleaved(calls, warmup=0, repeats=args.repeats, device=args.device)
     return {
         "structure": label, "singd_structure": STRUCTURES[label][0], "T": period,
-        "iterations_per_call": period,
-        "seconds_per_iteration": {name: [t / period for t in ts] for name, ts in times.items()},
+        "iterations_per_call": per_call,
+        "seconds_per_iteration": {name: [t / per_call for t in ts] for name, ts in times.items()},
         "trajectory": agreement,
         "final_loss": {name: t.last_loss() for name, t in trainers.items()},
         "finite_after_timing": {name: t.finite() for name, t in trainers.items()},
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = {
         "model": "MLP " + "→".join(map(str, sizes)) + ", ReLU", "batch_size": common.BATCH_SIZE,
         "structures": {label: STRUCTURES[label][0] for label in labels}, "periods": periods,
-        "trajectory_steps": args.steps, "repeats": args.repeats, "iterations_per_call": "T",
+        "trajectory_steps": args.steps, "repeats": args.repeats, "iterations_per_call": f"whole periods T, at least {MIN_ITERATIONS}",
         "hyperparameters": HYPER, "adamw_lr": ADAMW_LR, "ours_clip": None, "singd_version": version("singd"),
     }
     payload = common.new_payload(NAME, args, config)

@@ -218,6 +218,12 @@ def check_all(spec, d: int, n: int, seed: int, dtype: torch.dtype) -> None:
                 c.tensors()[name].view(-1)[-1] = bad
                 assert not bool(torch.isfinite(c.total())), f"{tag}: {bad} in {name} not caught by total"
 
+    # select(ok, other) picks one matrix or the other, part by part, as a new matrix.
+    for ok in (True, False):
+        picked = K.select(torch.tensor(ok), K2)
+        assert picked is not K and picked is not K2
+        assert torch.equal(picked.to_dense().double(), o.K if ok else o.K2), f"{tag}: select({ok})"
+
     # where_(ok) keeps or zeroes every part without a host sync, in place.
     for ok in (True, False):
         c = K.clone()

@@ -30,11 +30,6 @@ from .base import BatchCounts, Curvature
 __all__ = ["SINGDCurvature"]
 
 
-def _select(ok: Tensor, new: StructuredMatrix, old: StructuredMatrix) -> StructuredMatrix:  # noqa: D103
-    """``new`` where ``ok`` else ``old``, part by part."""
-    return new._with({name: torch.where(ok, t, old.tensors()[name]) for name, t in new.tensors().items()})
-
-
 class SINGDCurvature(Curvature):
     """Structured ``K``, ``C`` and (with α₁ > 0) their Riemannian momenta."""
 
@@ -108,7 +103,7 @@ class SINGDCurvature(Curvature):
         self.K.add_(step_k.where_(ok), alpha=-beta_k)
         self.C.add_(step_c.where_(ok), alpha=-beta_c)
         if self.alpha1:
-            self.m_K, self.m_C = _select(ok, new_m_k, self.m_K), _select(ok, new_m_c, self.m_C)
+            self.m_K, self.m_C = new_m_k.select(ok, self.m_K), new_m_c.select(ok, self.m_C)
         self._cache_outer()
 
     def _cache_outer(self) -> None:

@@ -128,6 +128,11 @@ class StructuredMatrix(ABC):
         work = torch.promote_types(self.dtype, torch.float32)
         return torch.stack([t.sum(dtype=work) for t in self.tensors().values()]).sum()
 
+    def select(self: M, ok: Tensor, other: M) -> M:
+        """``self`` if the 0-d bool ``ok`` else ``other``, as a new matrix (no host sync)."""
+        pairs = zip(self.tensors().items(), other.tensors().values())
+        return self._with({name: torch.where(ok, mine, theirs) for (name, mine), theirs in pairs})
+
     def where_(self: M, ok: Tensor) -> M:
         """Zero every part unless the 0-d bool ``ok`` (no host sync); returns self."""
         for name, t in self.tensors().items():
