@@ -358,18 +358,6 @@ class Trainer:
         return all(bool(torch.isfinite(v).all()) for v in values)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Persistent optimizer state in bytes: ``opt.state_bytes()`` for ours, the tensors in ``opt.state`` otherwise."""
-    if isinstance(optimizer, sr.Optimizer):
-        return int(optimizer.state_bytes())
-    return sum(
-        t.numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if isinstance(t, Tensor)
-    )
-
-
 #: Update-rule hyperparameters of the benchmarks' own (non-anchor) runs.
 ADAMW_LR = 1e-3
 SGD_LR = 0.01

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import common
+from singd_rkfac.optimizer import state_bytes
 
 NAME = "memory"
 WIDTHS = (256, 512, 1024, 2048, 4096)
@@ -46,7 +47,7 @@ def measure(d: int, names: list[str], builders: dict[str, Any], args: Any) -> di
         optimizer = builders[name](model)
         common.Trainer(model, optimizer, batch)()
         row = {
-            "state_bytes": common.state_bytes(optimizer),
+            "state_bytes": state_bytes(optimizer),
             "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         }
         if hasattr(optimizer, "memory_bytes"):

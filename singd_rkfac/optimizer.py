@@ -166,13 +166,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """All persistent optimizer state: update-rule buffers (momenta, Adam moments) plus curvature."""
-        buffers = sum(
-            t.numel() * t.element_size()
-            for state in self.state.values()
-            for t in state.values()
-            if isinstance(t, torch.Tensor)
-        )
-        return buffers + sum(self.memory_bytes().values())
+        return state_bytes(self)
 
     def describe(self) -> str:
         """The resolved policy with actual state sizes, and the update rules."""
@@ -181,3 +175,17 @@ class Optimizer(torch.optim.Optimizer):
                 f"{' (decoupled)' if self.defaults['decoupled_weight_decay'] else ''}, " \
                 f"clip={self.clip}, fallback={self.fallback}"
         return f"{self.preconditioner.describe()}\n{rules}"
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Persistent state bytes of any torch optimizer: the tensors in ``optimizer.state``,
+    plus the curvature state when it is an `Optimizer` (for like-for-like comparisons)."""
+    buffers = sum(
+        t.numel() * t.element_size()
+        for per_param in optimizer.state.values()
+        for t in per_param.values()
+        if isinstance(t, torch.Tensor)
+    )
+    curvature = sum(optimizer.memory_bytes().values()) if isinstance(optimizer, Optimizer) else 0
+    return buffers + curvature
+

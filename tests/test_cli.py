@@ -65,7 +65,7 @@ def test_load_digits_splits_and_standardises() -> None:
 def test_demo_rows_are_finite(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("sklearn")
     rows = run_demo(quick=True, plot=False)
-    assert [r["optimizer"] for r in rows] == ["AdamW", "K-FAC", "K-FAC exact + AdamW head"]
+    assert [r["optimizer"] for r in rows] == ["AdamW", "K-FAC", "K-FAC exact + AdamW head", "SINGD diagonal, bf16 state"]
     for row in rows:
         assert len(row["losses"]) == QUICK_STEPS
         assert all(math.isfinite(x) for x in row["losses"])

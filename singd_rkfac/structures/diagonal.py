@@ -33,9 +33,6 @@ class DiagonalMatrix(StructuredMatrix):
     def rmul(self, y: Tensor) -> Tensor:
         return y * self.diag
 
-    def apply_outer(self, x: Tensor) -> Tensor:
-        return self.diag.square().unsqueeze(1) * x
-
     def outer_self(self) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag.square())
 

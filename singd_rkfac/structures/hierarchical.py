@@ -15,6 +15,7 @@ too small for both corners, ``A`` is filled first, then ``E``.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -133,8 +134,9 @@ class _Corners(Structure):
     """Shared factory of the two hierarchical specs."""
 
     @property
+    @abstractmethod
     def corners(self) -> tuple[int, int]:
-        raise NotImplementedError
+        """``(k1, k2)``: sizes of the top-left and bottom-right dense corners."""
 
     def zeros(self, dim: int, *, dtype: torch.dtype, device: torch.device | str) -> HierarchicalMatrix:
         return _hierarchical_zeros(dim, *self.corners, dtype, device)
