@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from . import structures
 from .linalg import DecompositionError
-from .methods import KFAC, SINGD, CurvatureMethod, Method, Skip
+from .methods import (
+    BKFAC,
+    BKFACC,
+    BRKFAC,
+    KFAC,
+    RKFAC,
+    SINGD,
+    SREKFAC,
+    CurvatureMethod,
+    Method,
+    NystromKFAC,
+    Skip,
+)
 from .optimizer import Optimizer
 from .policy import Policy, Rule
 from .preconditioner import Preconditioner
@@ -18,15 +30,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "BKFAC",
+    "BKFACC",
+    "BRKFAC",
     "CurvatureMethod",
     "DecompositionError",
     "KFAC",
     "Method",
+    "NystromKFAC",
     "Optimizer",
     "Policy",
     "Preconditioner",
+    "RKFAC",
     "Rule",
     "SINGD",
+    "SREKFAC",
     "Skip",
     "structures",
 ]

@@ -14,9 +14,13 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from .linalg.kron import COMPLEMENTS
 from .structures import STRUCTURES, Block, Hierarchical, LowRank, Structure, Toeplitz
 
-__all__ = ["Method", "Skip", "CurvatureMethod", "KFAC", "SINGD", "METHODS"]
+__all__ = [
+    "Method", "Skip", "CurvatureMethod", "KFAC", "LowRankKFAC", "SketchedKFAC", "RKFAC", "SREKFAC",
+    "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC", "SINGD", "METHODS",
+]
 
 KFAC_APPROX = ("expand", "reduce")
 LOSS_AVERAGE = ("batch", None)
@@ -65,6 +69,8 @@ def check_float(
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, Method):
+        return value.summary()
     if callable(value) and not isinstance(value, type):
         return getattr(value, "__qualname__", type(value).__name__)
     return repr(value)
@@ -98,7 +104,10 @@ class Method:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as ``{"method": name, field: value, ...}`` (the ``from_dict`` form)."""
-        return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        def plain(value: Any) -> Any:
+            return value.to_dict() if isinstance(value, Method) else value
+
+        return {"method": self.name, **{f.name: plain(getattr(self, f.name)) for f in fields(self)}}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +152,10 @@ class KFAC(CurvatureMethod):
     """Classic K-FAC: exponential averages of the Kronecker factors, inverted in fp32.
 
     The preconditioned gradient is ``(G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹`` with
-    π-damping, or ``(A ⊗ G + λ I)⁻¹ vec ∇W`` with exact damping.
+    π-damping, or ``(A ⊗ G + λ I)⁻¹ vec ∇W`` with exact damping. The low-rank
+    members of the family (`RKFAC`, `SREKFAC`, `NystromKFAC`, `BKFAC`,
+    `BRKFAC`, `BKFACC`) share every field and differ only in how each factor's
+    inverse is represented.
 
     Attributes:
         ema: running-average weight ρ in ``F ← ρ F + (1−ρ) F_batch``; the first
@@ -152,21 +164,27 @@ class KFAC(CurvatureMethod):
         inverse_every: refresh the decompositions every this many steps (≥ 1).
         damping_mode: ``"pi"`` (factored, Martens & Grosse 2015) or ``"exact"``
             (eigen-decomposition of both factors).
-        inverse: ``"eigh"`` or ``"cholesky"`` (π-damping only) — how both
-            factors are inverted unless ``a`` / ``g`` override one side.
-        a: inverse representation of the input-side factor A (``None`` = ``inverse``).
-        g: inverse representation of the output-gradient factor G (``None`` = ``inverse``).
+        inverse: ``"eigh"`` or ``"cholesky"`` (π-damping only) — how dense
+            factors are inverted (low-rank methods use it for factors they
+            represent exactly, e.g. a rank at or above the dimension).
+        a: representation of the input-side factor A: ``None`` (this
+            method's), ``"eigh"``, ``"cholesky"``, a low-rank method name
+            (``"rkfac"``, ``"bkfac"``, ...) or a K-FAC-family config such as
+            ``sr.BKFAC(rank=128)`` (only its representation fields are used).
+        g: the same for the output-gradient factor G.
     """
 
     name: ClassVar[str] = "kfac"
+    #: How this config represents a factor (see `KFAC.factor`).
+    representation: ClassVar[str] = "dense"
 
     ema: float = 0.95
     stats_every: int = 1
     inverse_every: int = 10
     damping_mode: str = "pi"
     inverse: str = "eigh"
-    a: str | None = None
-    g: str | None = None
+    a: "str | KFAC | None" = None
+    g: "str | KFAC | None" = None
 
     def validate(self) -> None:
         super().validate()
@@ -175,26 +193,202 @@ class KFAC(CurvatureMethod):
         check_int(self, "inverse_every", 1)
         check_choice(self, "damping_mode", DAMPING_MODES)
         check_choice(self, "inverse", DENSE_INVERSES)
-        check_choice(self, "a", (None, *DENSE_INVERSES))
-        check_choice(self, "g", (None, *DENSE_INVERSES))
+        names = (*DENSE_INVERSES, *sorted(n for n, c in METHODS.items() if issubclass(c, LowRankKFAC)))
+        for side in ("a", "g"):
+            value = getattr(self, side)
+            if isinstance(value, KFAC):
+                if value.a is not None or value.g is not None:
+                    _fail(self, side, "a config without its own a=/g=", value)
+            elif not (value is None or value in names):
+                _fail(self, side, "None, one of " + ", ".join(map(repr, names)) + " or a K-FAC-family config", value)
         if self.damping_mode == "exact":
-            for side in ("inverse", "a", "g"):
-                if getattr(self, side) == "cholesky":
-                    _fail(self, side, "'eigh' when damping_mode='exact' (needs eigenpairs)", "cholesky")
+            for side in ("a", "g"):
+                if self.factor(side).uses_cholesky:
+                    _fail(self, side if getattr(self, side) is not None else "inverse",
+                          "'eigh' when damping_mode='exact' (needs eigenpairs)", "cholesky")
+
+    @property
+    def uses_cholesky(self) -> bool:
+        """Whether dense factors of this config are inverted by Cholesky."""
+        return self.representation == "dense" and self.inverse == "cholesky"
+
+    def factor(self, side: str) -> "KFAC":
+        """The config whose representation serves factor ``side`` (``"a"`` or ``"g"``)."""
+        value = getattr(self, side)
+        if value is None:
+            return self
+        if isinstance(value, KFAC):
+            return value
+        if value in DENSE_INVERSES:
+            return KFAC(inverse=value)
+        return METHODS[value]()
 
     @property
     def statistics_every(self) -> int:
         return self.stats_every
 
-    @property
-    def inverse_a(self) -> str:
-        """The inverse representation used for the A factor."""
-        return self.a or self.inverse
+
+def _check_adaptive_rank(method: "LowRankKFAC") -> None:
+    value = method.adaptive_rank
+    if isinstance(value, bool):
+        return
+    ok = (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and 1 <= value[0] <= method.rank <= value[1]
+    )
+    if not ok:
+        _fail(method, "adaptive_rank", f"a bool or integer bounds (low, high) with 1 <= low <= rank={method.rank} <= high", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowRankKFAC(KFAC):
+    """Fields shared by the low-rank K-FAC methods (DESIGN §3.2).
+
+    Each factor keeps its top-``rank`` eigenpairs ``F ≈ U diag(s) Uᵀ``; the
+    damped inverse is applied in O(d·r) per gradient column, never forming
+    ``d × d``.
+
+    Attributes:
+        rank: eigenpairs kept per factor; at or above a factor's dimension the
+            factor is represented exactly (``describe()`` says so).
+        complement: eigenvalue assumed on the discarded modes: ``"min"`` (the
+            smallest kept one — continue the spectrum) or ``"zero"``.
+        adaptive_rank: ``False`` (fixed rank), ``True`` (bounds
+            ``(max(1, rank // 4), 4 * rank)``) or ``(low, high)``. After each
+            decomposition the rank becomes ``⌈1.5·n⌉`` clipped to the bounds,
+            where ``n`` counts kept eigenvalues ``≥ rank_target · max(s)``: it
+            grows while every kept mode is significant and shrinks otherwise.
+        rank_target: relative eigenvalue threshold of the adaptive rule, in (0, 1).
+    """
+
+    rank: int = 64
+    complement: str = "min"
+    adaptive_rank: bool | tuple[int, int] = False
+    rank_target: float = 1e-2
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "rank", 1)
+        check_choice(self, "complement", COMPLEMENTS)
+        _check_adaptive_rank(self)
+        check_float(self, "rank_target", 0.0, 1.0, low_open=True, high_open=True)
 
     @property
-    def inverse_g(self) -> str:
-        """The inverse representation used for the G factor."""
-        return self.g or self.inverse
+    def rank_bounds(self) -> tuple[int, int] | None:
+        """``(low, high)`` of the adaptive rank, ``None`` when the rank is fixed."""
+        if self.adaptive_rank is False:
+            return None
+        if self.adaptive_rank is True:
+            return max(1, self.rank // 4), 4 * self.rank
+        return self.adaptive_rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class SketchedKFAC(LowRankKFAC):
+    """Fields of the randomized sketches (Halko–Martinsson–Tropp range finder).
+
+    Attributes:
+        oversample: extra sketch columns p beyond the rank (≥ 0).
+        power_iters: power iterations q, re-orthonormalised by QR (≥ 0).
+    """
+
+    oversample: int = 10
+    power_iters: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "oversample", 0)
+        check_int(self, "power_iters", 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RKFAC(SketchedKFAC):
+    """R-KFAC: randomized SVD of each EA factor every ``inverse_every`` steps.
+
+    Keeps the dense EA factor (``d²``) but decomposes it in O(d²·(r+p)·(q+1))
+    instead of O(d³); applying the inverse costs O(d_g·d_a·r).
+    """
+
+    name: ClassVar[str] = "rkfac"
+    representation: ClassVar[str] = "rsvd"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SREKFAC(SketchedKFAC):
+    """SRE-KFAC: symmetric randomized eigendecomposition ``eigh(Qᵀ F Q)`` (Puiu 2022)."""
+
+    name: ClassVar[str] = "srekfac"
+    representation: ClassVar[str] = "sre"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NystromKFAC(SketchedKFAC):
+    """Nyström sketch of the PSD factor (Tropp et al. 2017): more accurate at the same cost."""
+
+    name: ClassVar[str] = "nystromkfac"
+    representation: ClassVar[str] = "nystrom"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BKFAC(LowRankKFAC):
+    """B-KFAC: Brand's online update of a truncated eigendecomposition; no ``d × d`` state.
+
+    Each statistics step folds the new rows straight into ``(U, s)`` in
+    O(d·(r+m)²): memory and time linear in the width. Valid while
+    ``rank + rows < d``; a factor where it is not uses the exact dense
+    representation (decided at the first statistics step, noted by
+    ``describe()``). ``inverse_every`` (default 1) is how often the
+    preconditioner takes the current ``(U, s)``; above 1 the previous basis is
+    kept meanwhile (twice the state).
+    """
+
+    name: ClassVar[str] = "bkfac"
+    representation: ClassVar[str] = "brand"
+
+    inverse_every: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class BRKFAC(BKFAC, SketchedKFAC):
+    """B-R-KFAC: Brand updates plus the dense EA factor, re-sketched (SRE) every ``refresh_every`` steps.
+
+    Attributes:
+        refresh_every: replace the Brand state by a fresh sketch of the dense
+            factor every this many steps (≥ 1).
+    """
+
+    name: ClassVar[str] = "brkfac"
+    representation: ClassVar[str] = "brand_refresh"
+
+    refresh_every: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "refresh_every", 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BKFACC(BKFAC):
+    """B-KFAC-c: Brand updates plus a periodic partial correction from the dense EA factor.
+
+    Attributes:
+        correct_every: correct every this many steps (≥ 1).
+        correct_fraction: share of the kept columns re-diagonalised against the
+            dense factor at each correction, in (0, 1].
+    """
+
+    name: ClassVar[str] = "bkfacc"
+    representation: ClassVar[str] = "brand_correct"
+
+    correct_every: int = 10
+    correct_fraction: float = 0.2
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "correct_every", 1)
+        check_float(self, "correct_fraction", 0.0, 1.0, low_open=True)
 
 
 SINGD_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -322,4 +516,6 @@ class SINGD(CurvatureMethod):
 
 
 #: Every method config by its lowercase name (the ``from_dict`` / TOML form).
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (KFAC, SINGD, Skip)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (KFAC, RKFAC, SREKFAC, NystromKFAC, BKFAC, BRKFAC, BKFACC, SINGD, Skip)
+}

@@ -270,7 +270,9 @@ class Policy:
 
 
 def _field_value(method_cls: type[Method], field_type: str, value: Any) -> Any:
-    """TOML-friendly values: dtype names to ``torch.dtype``, lists to tuples."""
+    """TOML-friendly values: dtype names to ``torch.dtype``, lists to tuples, tables to method configs."""
+    if isinstance(value, Mapping):
+        return method_from_dict(value, where=f"{method_cls.__name__} field")
     if "dtype" in field_type and isinstance(value, str):
         dtype = getattr(torch, value.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):

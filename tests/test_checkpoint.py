@@ -77,7 +77,7 @@ def test_factors_keep_their_dtype_across_save_and_load():
     fresh_opt.load_state_dict(torch.load(buffer, weights_only=True))
     curvature = fresh_opt.preconditioner.layers["0"].curvature
     assert curvature.a_factor.value.dtype == torch.float32
-    assert curvature.a_factor.inverse.dtype == torch.float32
+    assert curvature.a_factor.inverse.matrix.dtype == torch.float32
     torch.testing.assert_close(curvature.a_factor.value, opt.preconditioner.layers["0"].curvature.a_factor.value, rtol=0, atol=0)
 
 

@@ -54,8 +54,8 @@ def test_pi_damping_matches_the_explicit_formula():
     A, G = curvature.a_factor.value, curvature.g_factor.value
     pi = torch.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
     eye_a, eye_g = torch.eye(A.shape[0], dtype=A.dtype), torch.eye(G.shape[0], dtype=G.dtype)
-    torch.testing.assert_close(curvature.a_factor.inverse, torch.linalg.inv(A + pi * damping**0.5 * eye_a))
-    torch.testing.assert_close(curvature.g_factor.inverse, torch.linalg.inv(G + damping**0.5 / pi * eye_g))
+    torch.testing.assert_close(curvature.a_factor.inverse.matrix, torch.linalg.inv(A + pi * damping**0.5 * eye_a))
+    torch.testing.assert_close(curvature.g_factor.inverse.matrix, torch.linalg.inv(G + damping**0.5 / pi * eye_g))
 
 
 def test_loss_average_none_uses_the_sum_reduced_gradients_as_per_sample():
@@ -145,7 +145,7 @@ def test_failed_decompositions_keep_the_previous_warn_once_then_raise(monkeypatc
     model = mlp()
     pre = sr.Preconditioner(model, sr.Policy(sr.KFAC(inverse_every=1)), max_decomposition_failures=3)
     _step(model, pre, classification_batch(10, (6,), 3))
-    kept = pre.layers["0"].curvature.a_factor.inverse.clone()
+    kept = pre.layers["0"].curvature.a_factor.inverse.matrix.clone()
 
     def always_fails(m):
         raise torch.linalg.LinAlgError("forced failure")
@@ -157,6 +157,6 @@ def test_failed_decompositions_keep_the_previous_warn_once_then_raise(monkeypatc
             _step(model, pre, classification_batch(10, (6,), 3))
     per_layer = [w for w in caught if "curvature decomposition failed" in str(w.message)]
     assert len(per_layer) == len(pre.layers)  # once per layer, not once per step
-    assert torch.equal(pre.layers["0"].curvature.a_factor.inverse, kept)
+    assert torch.equal(pre.layers["0"].curvature.a_factor.inverse.matrix, kept)
     with pytest.raises(sr.DecompositionError, match="layer '0'.*3 times in a row"):
         _step(model, pre, classification_batch(10, (6,), 3))

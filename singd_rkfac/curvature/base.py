@@ -110,8 +110,13 @@ class Curvature(ABC):
         """Restore `state_dict` output (dtypes and devices of this instance kept)."""
 
     def memory_bytes(self) -> int:
-        """Bytes of persistent tensor state."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values() if isinstance(t, Tensor))
+        """Bytes of persistent tensor state (tensors sharing storage counted once)."""
+        storages = {}
+        for value in self.state_dict().values():
+            if isinstance(value, Tensor):
+                storage = value.untyped_storage()
+                storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
 
     def note(self) -> str:
         """Extra text for ``describe()`` (e.g. a fallback chosen for one factor)."""

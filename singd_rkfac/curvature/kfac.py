@@ -1,7 +1,10 @@
-"""K-FAC: exponentially averaged Kronecker factors with dense fp32 inverses.
+"""The K-FAC family: two factors, each with its own inverse representation.
 
 ``V = (G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹`` (π-damping) or ``(A ⊗ G + λI)⁻¹ vec ∇W``
-(exact damping, from both eigendecompositions). DESIGN §3.1.
+(exact damping, from both eigen-representations). Each side is a `Factor`
+chosen by the method's ``a`` / ``g`` fields: dense eigh/Cholesky (K-FAC),
+randomized sketches (R-KFAC, SRE-KFAC, Nyström) or Brand's online update
+(B-KFAC, B-R-KFAC, B-KFAC-c). DESIGN §3.1, §3.2.
 """
 
 from __future__ import annotations
@@ -13,128 +16,121 @@ import torch
 from torch import Tensor
 
 from ..layers import LayerDims
-from ..linalg import FailureTracker, exact_damped_solve, inverse_from_eigh, robust_cholesky, robust_eigh
-from ..methods import KFAC
+from ..linalg import SKETCHES, FailureTracker, exact_damped_solve
+from ..methods import BKFACC, BRKFAC, KFAC, LowRankKFAC
 from .base import BatchCounts, Curvature
+from .brand import BrandFactor
+from .factors import DenseFactor, Factor, SketchedFactor
 
-__all__ = ["DenseFactor", "KFACCurvature"]
+__all__ = ["KFACCurvature", "make_factor", "factor_note"]
+
+SIDES = ("a", "g")
+PREFIXES = {"a": "A", "g": "G"}
 
 
-class DenseFactor:
-    """One Kronecker factor: its running average and a dense damped inverse.
+def factor_note(config: KFAC, dim: int) -> str:
+    """What ``describe()`` says about one factor before training (empty when unremarkable)."""
+    if not isinstance(config, LowRankKFAC):
+        return ""
+    if config.rank >= dim:
+        return f"rank {config.rank} >= dim {dim}: exact {config.inverse}"
+    if config.representation in SKETCHES:
+        return f"{config.representation} rank {config.rank}"
+    return f"brand rank {config.rank} (exact if rank + rows >= {dim})"
 
-    The running average never admits a non-finite batch (``torch.where`` on a
-    fused finiteness check, no host sync), and the first finite batch replaces
-    the zero initial value exactly (no identity blending).
-    """
 
-    def __init__(self, dim: int, inverse: str, *, device: torch.device, dtype: torch.dtype) -> None:
-        self.dim = dim
-        self.inverse_kind = inverse
-        self.value = torch.zeros(dim, dim, device=device, dtype=dtype)
-        self.initialized = torch.zeros((), dtype=torch.bool, device=device)
-        self.staged: Tensor | None = None
-        #: ``(F + λI)⁻¹`` under π-damping.
-        self.inverse: Tensor | None = None
-        #: ``(eigenvalues, eigenvectors)`` under exact damping.
-        self.eigen: tuple[Tensor, Tensor] | None = None
+def make_factor(config: KFAC, dim: int, *, seed_text: str, device: torch.device, dtype: torch.dtype) -> Factor:
+    """The factor implementing ``config``'s representation for a ``dim``-wide side."""
+    factory = {"device": device, "dtype": dtype}
+    if not isinstance(config, LowRankKFAC) or config.rank >= dim:
+        factor: Factor = DenseFactor(dim, config, **factory)
+    elif config.representation in SKETCHES:
+        factor = SketchedFactor(dim, config, seed_text=seed_text, **factory)
+    else:
+        factor = BrandFactor(dim, config, seed_text=seed_text, **factory)
+    factor.note = factor_note(config, dim)
+    return factor
 
-    def accumulate(self, rows: Tensor) -> None:
-        """Stage ``rowsᵀ rows`` for ``rows`` of shape ``(m, dim)``."""
-        gram = rows.T @ rows
-        self.staged = gram if self.staged is None else self.staged.add_(gram)
 
-    def discard(self) -> None:
-        self.staged = None
+#: Rows per statistics step assumed by the cost model (batch × positions is unknown before training).
+MODEL_ROWS = 128
 
-    def fold(self, scale: float, ema: float) -> None:
-        """``F ← ρF + (1−ρ)·scale·staged`` (``F ← scale·staged`` the first time), skipping non-finite batches."""
-        if self.staged is None:
-            return
-        batch = self.staged.mul_(scale)
-        self.staged = None
-        finite = torch.isfinite(batch).all()
-        weight = self.initialized.to(batch.dtype) * ema  # in the factor's dtype: ρ exact in fp64
-        averaged = torch.lerp(batch, self.value, weight)
-        self.value = torch.where(finite, averaged, self.value)
-        self.initialized = self.initialized | finite
 
-    def mean_eigenvalue(self) -> Tensor:
-        """``tr(F) / dim`` as a 0-d tensor."""
-        return self.value.diagonal().mean()
+def factor_bytes(config: KFAC, dim: int, exact: bool) -> int:
+    """Elements of persistent state one factor of ``dim`` holds (DESIGN §3.6 memory column)."""
+    if not isinstance(config, LowRankKFAC) or config.rank >= dim:
+        return 2 * dim * dim + (dim if exact else 0)  # EA factor + inverse (or eigenvectors and values)
+    kept = config.rank * (dim + 1)
+    if config.representation in SKETCHES:
+        return dim * dim + kept
+    snapshots = 2 if config.inverse_every > 1 else 1
+    periodic = dim * dim if config.representation != "brand" else 0
+    return snapshots * kept + periodic
 
-    def decompose(self, damping: Tensor | None) -> tuple[Tensor, ...] | None:
-        """New inverse representation, or ``None`` if every retry failed.
 
-        With ``damping`` (π mode) returns ``((F + damping·I)⁻¹,)``; without
-        (exact mode) the eigenpairs ``(s, Q)``.
-        """
-        if damping is None:
-            return robust_eigh(self.value)
-        if self.inverse_kind == "eigh":
-            eigen = robust_eigh(self.value)
-            return None if eigen is None else (inverse_from_eigh(*eigen, damping),)
-        chol = robust_cholesky(self.value + damping * torch.eye(self.dim, device=self.value.device, dtype=self.value.dtype))
-        return None if chol is None else (torch.cholesky_inverse(chol),)
-
-    def commit(self, representation: tuple[Tensor, ...], exact: bool) -> None:
-        if exact:
-            self.eigen = representation  # type: ignore[assignment]
-        else:
-            self.inverse = representation[0]
-
-    def state(self, prefix: str) -> dict[str, Tensor]:
-        state = {f"{prefix}": self.value, f"{prefix}_initialized": self.initialized}
-        if self.inverse is not None:
-            state[f"{prefix}_inverse"] = self.inverse
-        if self.eigen is not None:
-            state[f"{prefix}_eigenvalues"], state[f"{prefix}_eigenvectors"] = self.eigen
-        return state
-
-    def load(self, state: dict[str, Any], prefix: str) -> None:
-        def take(key: str, like: Tensor) -> Tensor:
-            return state[key].to(device=like.device, dtype=like.dtype).clone()
-
-        self.value = take(prefix, self.value)
-        self.initialized = take(f"{prefix}_initialized", self.initialized)
-        self.inverse = take(f"{prefix}_inverse", self.value) if f"{prefix}_inverse" in state else None
-        self.eigen = None
-        if f"{prefix}_eigenvalues" in state:
-            self.eigen = (take(f"{prefix}_eigenvalues", self.value), take(f"{prefix}_eigenvectors", self.value))
+def factor_cost(config: KFAC, dim: int, other: int) -> float:
+    """Flops per step of one factor (statistics, decomposition, its half of the application)."""
+    if not isinstance(config, LowRankKFAC) or config.rank >= dim:
+        return MODEL_ROWS * dim**2 / config.stats_every + 10.0 * dim**3 / config.inverse_every + dim**2 * other
+    rank, apply = config.rank, 2.0 * config.rank * dim * other
+    if config.representation in SKETCHES:
+        sketch = (rank + config.oversample) * dim**2 * (config.power_iters + 2)
+        return MODEL_ROWS * dim**2 / config.stats_every + sketch / config.inverse_every + apply
+    brand = 4.0 * dim * (rank + MODEL_ROWS) ** 2 / config.stats_every
+    if isinstance(config, BRKFAC):
+        brand += MODEL_ROWS * dim**2 / config.stats_every
+        brand += (rank + config.oversample) * dim**2 * (config.power_iters + 2) / config.refresh_every
+    elif isinstance(config, BKFACC):
+        brand += MODEL_ROWS * dim**2 / config.stats_every
+        brand += dim**2 * rank * config.correct_fraction / config.correct_every
+    return brand + apply
 
 
 class KFACCurvature(Curvature):
-    """Classic K-FAC with eigen or Cholesky inverses per factor."""
+    """The K-FAC family: EA statistics per factor, each with its own inverse representation."""
 
     method_types = (KFAC,)
     method: KFAC
 
     def __init__(self, method: KFAC, dims: LayerDims, **kwargs: Any) -> None:
         super().__init__(method, dims, **kwargs)
-        factory = {"device": self.device, "dtype": self.dtype}
-        self.a_factor = DenseFactor(dims.d_a, method.inverse_a, **factory)
-        self.g_factor = DenseFactor(dims.d_g, method.inverse_g, **factory)
+        self.factors: dict[str, Factor] = {
+            side: make_factor(
+                method.factor(side), dim, seed_text=f"{self.name}/{side}", device=self.device, dtype=self.dtype
+            )
+            for side, dim in (("a", dims.d_a), ("g", dims.d_g))
+        }
         self.exact = method.damping_mode == "exact"
         self.folds = 0
         self.decompositions = 0
         self.failures = FailureTracker(self.name, self.max_failures)
 
+    @property
+    def a_factor(self) -> Factor:
+        return self.factors["a"]
+
+    @property
+    def g_factor(self) -> Factor:
+        return self.factors["g"]
+
     def accumulate(self, a: Tensor, g: Tensor) -> None:
-        self.a_factor.accumulate(a)
-        self.g_factor.accumulate(g)
+        self.factors["a"].accumulate(a)
+        self.factors["g"].accumulate(g)
 
     def discard(self) -> None:
-        self.a_factor.discard()
-        self.g_factor.discard()
+        for factor in self.factors.values():
+            factor.discard()
 
     def update(self, step: int, counts: BatchCounts | None) -> None:
         if counts is not None:
-            self.a_factor.fold(1.0 / counts.rows, self.method.ema)
-            self.g_factor.fold(self.g_scale(counts), self.method.ema)
+            for side, factor in self.factors.items():
+                self.factors[side] = factor = factor.settle(counts.rows)
+                scale = 1.0 / counts.rows if side == "a" else self.g_scale(counts)
+                factor.fold(scale, self.method.ema)
             self.folds += 1
         due = step % self.method.inverse_every == 0 or not self.ready
         if due and self.folds > 0:
-            self._decompose()
+            self._decompose(step)
 
     def _factor_dampings(self) -> tuple[Tensor | None, Tensor | None]:
         """``(λ_A, λ_G)`` for π-damping, ``(None, None)`` for exact damping."""
@@ -147,14 +143,14 @@ class KFACCurvature(Curvature):
         root = math.sqrt(self.method.damping)
         return pi * root, root / pi
 
-    def _decompose(self) -> None:
+    def _decompose(self, step: int) -> None:
         damping_a, damping_g = self._factor_dampings()
-        new_a = self.a_factor.decompose(damping_a)
-        new_g = self.g_factor.decompose(damping_g) if new_a is not None else None
+        new_a = self.a_factor.decompose(damping_a, step)
+        new_g = self.g_factor.decompose(damping_g, step) if new_a is not None else None
         ok = new_a is not None and new_g is not None
         if ok:
-            self.a_factor.commit(new_a, self.exact)
-            self.g_factor.commit(new_g, self.exact)
+            self.a_factor.commit(new_a)
+            self.g_factor.commit(new_g)
             self.decompositions += 1
         self.failures.record(ok)
 
@@ -165,34 +161,43 @@ class KFACCurvature(Curvature):
     def precondition(self, grad: Tensor) -> Tensor:
         grad = grad.to(self.dtype)
         if self.exact:
-            return exact_damped_solve(grad, self.g_factor.eigen, self.a_factor.eigen, self.method.damping)
-        return self.g_factor.inverse @ grad @ self.a_factor.inverse
+            eig_g, eig_a = self.g_factor.inverse.eigen, self.a_factor.inverse.eigen
+            return exact_damped_solve(grad, eig_g, eig_a, self.method.damping)
+        return self.g_factor.apply(self.a_factor.apply(grad, "right"), "left")
+
+    def note(self) -> str:
+        return "; ".join(f"{PREFIXES[side]}: {f.note}" for side, f in self.factors.items() if f.note)
+
+    @classmethod
+    def describe_note(cls, method: KFAC, dims: LayerDims) -> str:
+        notes = {side: factor_note(method.factor(side), dim) for side, dim in (("a", dims.d_a), ("g", dims.d_g))}
+        return "; ".join(f"{PREFIXES[side]}: {text}" for side, text in notes.items() if text)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **self.a_factor.state("A"),
-            **self.g_factor.state("G"),
-            "folds": self.folds,
-            "decompositions": self.decompositions,
-        }
+        state: dict[str, Any] = {"folds": self.folds, "decompositions": self.decompositions}
+        for side, factor in self.factors.items():
+            state.update(factor.state(PREFIXES[side]))
+            state[f"{PREFIXES[side]}_kind"] = type(factor).__name__
+            state[f"{PREFIXES[side]}_note"] = factor.note
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.a_factor.load(state, "A")
-        self.g_factor.load(state, "G")
+        for side, factor in self.factors.items():
+            prefix = PREFIXES[side]
+            if state.get(f"{prefix}_kind", "DenseFactor") != type(factor).__name__:
+                assert isinstance(factor, BrandFactor)  # the only factor that changes kind
+                self.factors[side] = factor = factor.handover()
+            factor.load(state, prefix)
+            factor.note = state.get(f"{prefix}_note", factor.note)
         self.folds = int(state["folds"])
         self.decompositions = int(state["decompositions"])
 
     @classmethod
     def estimate_bytes(cls, method: KFAC, dims: LayerDims, dtype: torch.dtype) -> int:
         size = torch.empty((), dtype=dtype).element_size()
-        per_factor = 2 if method.damping_mode == "pi" else 1  # factor + inverse, or factor + eigvecs
-        eigenvalues = 0 if method.damping_mode == "pi" else dims.d_a + dims.d_g
-        return size * (per_factor * (dims.d_a**2 + dims.d_g**2) + eigenvalues)
+        exact = method.damping_mode == "exact"
+        return size * sum(factor_bytes(method.factor(side), dim, exact) for side, dim in (("a", dims.d_a), ("g", dims.d_g)))
 
     @classmethod
     def cost(cls, method: KFAC, dims: LayerDims) -> float:
-        d_a, d_g = dims.d_a, dims.d_g
-        statistics = (d_a**2 + d_g**2) * max(d_a, d_g) / method.stats_every
-        decomposition = 10.0 * (d_a**3 + d_g**3) / method.inverse_every
-        apply = d_g * d_a * (d_a + d_g)
-        return statistics + decomposition + apply
+        return factor_cost(method.factor("a"), dims.d_a, dims.d_g) + factor_cost(method.factor("g"), dims.d_g, dims.d_a)

@@ -13,12 +13,12 @@ the per-step hot path, so their host synchronisations are deliberate.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["robust_eigh", "robust_cholesky", "FailureTracker", "DecompositionError"]
+__all__ = ["robust_eigh", "robust_cholesky", "robust_decompose", "FailureTracker", "DecompositionError"]
 
 #: Diagonal jitter, relative to the mean |diagonal|, tried after the fp64 retry.
 JITTERS = (1e-6, 1e-4, 1e-2)
@@ -38,22 +38,34 @@ def _attempt(decompose: Callable[[Tensor], tuple[Tensor, ...]], matrix: Tensor) 
     return result
 
 
-def _robust(
-    decompose: Callable[[Tensor], tuple[Tensor, ...]], matrix: Tensor
+def _retries(wide: Tensor, *, plain: bool, jitter: bool) -> Iterator[Tensor]:
+    """The fp64 matrix (unless it already had its plain try), then with growing jitter."""
+    if plain:
+        yield wide
+    if jitter:
+        scale = wide.diagonal().abs().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        eye = torch.eye(wide.shape[0], dtype=wide.dtype, device=wide.device)
+        for shift in JITTERS:
+            yield wide + (shift * scale) * eye
+
+
+def robust_decompose(
+    decompose: Callable[[Tensor], tuple[Tensor, ...]], matrix: Tensor, *, jitter: bool = True
 ) -> tuple[Tensor, ...] | None:
-    """Run ``decompose`` through the retry chain; results come back in ``matrix.dtype``."""
+    """Run ``decompose`` through the retry chain; results come back in ``matrix.dtype``.
+
+    ``None`` when the input is not finite or every attempt raised or returned
+    a non-finite result. ``jitter=False`` stops after the fp64 retry (for
+    inputs that are not a square matrix to shift).
+    """
     if not bool(torch.isfinite(matrix).all()):
         return None
     result = _attempt(decompose, matrix)
     if result is not None:
         return result
     wide = matrix.double()
-    scale = wide.diagonal().abs().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    eye = torch.eye(matrix.shape[0], dtype=wide.dtype, device=wide.device)
-    # an fp64 input has already had its plain attempt: go straight to jitter
-    retries = JITTERS if matrix.dtype == torch.float64 else (0.0, *JITTERS)
-    for jitter in retries:
-        result = _attempt(decompose, wide + (jitter * scale) * eye)
+    for attempt in _retries(wide, plain=matrix.dtype != torch.float64, jitter=jitter):
+        result = _attempt(decompose, attempt)
         if result is not None:
             return tuple(t.to(matrix.dtype) for t in result)
     return None
@@ -76,12 +88,12 @@ def robust_eigh(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
 
     Returns ``None`` if every attempt failed. Shapes: ``(d,)`` and ``(d, d)``.
     """
-    return _robust(_eigh, matrix)  # type: ignore[return-value]
+    return robust_decompose(_eigh, matrix)  # type: ignore[return-value]
 
 
 def robust_cholesky(matrix: Tensor) -> Tensor | None:
     """Lower Cholesky factor ``L`` (d × d) of a symmetric positive definite matrix, or ``None``."""
-    result = _robust(_cholesky, matrix)
+    result = robust_decompose(_cholesky, matrix)
     return None if result is None else result[0]
 
 

@@ -1,0 +1,244 @@
+"""One Kronecker factor of the K-FAC family: statistics, decomposition, damped inverse.
+
+A `Factor` owns the running statistics of one side (A or G) of a layer and
+an *inverse representation* refreshed by `decompose`:
+
+* `DenseFactor` — the EA factor (``d × d``) and an eigh/Cholesky inverse (K-FAC);
+* `SketchedFactor` — the EA factor and a randomized low-rank eigendecomposition
+  (R-KFAC, SRE-KFAC, Nyström);
+* `BrandFactor` (in ``brand.py``) — Brand's online low-rank update, no ``d × d``.
+
+`KFACCurvature` combines two factors; ``decompose`` and ``commit`` are split
+so that a layer only takes new representations when both sides succeeded.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..linalg import (
+    Eigen,
+    damped_inverse_apply,
+    inverse_from_eigh,
+    robust_cholesky,
+    robust_decompose,
+    robust_eigh,
+    sketch_eigen,
+    with_complement,
+)
+from ..methods import KFAC, SketchedKFAC
+
+__all__ = ["Factor", "DenseFactor", "SketchedFactor", "Inverse", "adapted_rank", "layer_generator", "take"]
+
+
+class Inverse(NamedTuple):
+    """A factor's inverse representation.
+
+    Attributes:
+        matrix: the dense damped inverse ``(F + λI)⁻¹`` (π-damping, dense factors).
+        eigen: eigenpairs (dense or low-rank with complement) otherwise.
+        damping: λ baked in under π-damping; ``None`` under exact damping.
+    """
+
+    matrix: Tensor | None = None
+    eigen: Eigen | None = None
+    damping: Tensor | None = None
+
+
+def take(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
+    """``state[key]`` copied onto ``like``'s device and dtype."""
+    return state[key].to(device=like.device, dtype=like.dtype).clone()
+
+
+def adapted_rank(values: Tensor, bounds: tuple[int, int], target: float) -> int:
+    """``⌈1.5·n⌉`` clipped to ``bounds``, ``n`` = eigenvalues ``≥ target·max`` (ascending ``values``).
+
+    Grows the rank while every kept mode is significant, shrinks it towards
+    1.5× the significant count otherwise; stationary on a fixed spectrum.
+    Runs on decomposition steps only (one host sync).
+    """
+    significant = int((values >= target * values[-1]).sum()) if values.numel() else 0
+    return min(bounds[1], max(bounds[0], math.ceil(1.5 * significant)))
+
+
+class Factor:
+    """Base: inverse representation, its application and its state.
+
+    Subclasses implement statistics (`accumulate`, `discard`, `fold`,
+    `mean_eigenvalue`) and `decompose`.
+    """
+
+    def __init__(self, dim: int, config: KFAC, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.dim = dim
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.inverse: Inverse | None = None
+        #: Text for ``describe()`` (e.g. why an exact representation was chosen).
+        self.note = ""
+
+    # -- statistics (subclasses) ------------------------------------------------
+    def accumulate(self, rows: Tensor) -> None:
+        """Stage rows ``(m, dim)`` of one call."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def fold(self, scale: float, ema: float) -> None:
+        """Fold staged rows into the running average ``F ← ρF + (1−ρ)·scale·Σ rowsᵀrows``."""
+        raise NotImplementedError
+
+    def mean_eigenvalue(self) -> Tensor:
+        """``tr(F) / dim`` as a 0-d tensor (for π-damping)."""
+        raise NotImplementedError
+
+    def decompose(self, damping: Tensor | None, step: int) -> Inverse | None:
+        """A new inverse representation (``damping`` λ under π, ``None`` under exact), or ``None`` on failure."""
+        raise NotImplementedError
+
+    def settle(self, rows: int) -> "Factor":
+        """The factor to use from now on, given this step's row count (Brand may hand over to dense)."""
+        return self
+
+    # -- inverse --------------------------------------------------------------------
+    def commit(self, inverse: Inverse) -> None:
+        self.inverse = inverse
+
+    def apply(self, x: Tensor, side: str) -> Tensor:
+        """``x (F+λI)⁻¹`` (``side="right"``) or ``(F+λI)⁻¹ x`` (``"left"``) under π-damping."""
+        matrix, eigen, damping = self.inverse
+        if matrix is not None:
+            return x @ matrix if side == "right" else matrix @ x
+        return damped_inverse_apply(x, eigen, damping, side)
+
+    # -- state -----------------------------------------------------------------------
+    def state(self, prefix: str) -> dict[str, Any]:
+        if self.inverse is None:
+            return {}
+        matrix, eigen, damping = self.inverse
+        state: dict[str, Any] = {}
+        if matrix is not None:
+            state[f"{prefix}_inverse"] = matrix
+        if eigen is not None:
+            state[f"{prefix}_eigenvalues"], state[f"{prefix}_eigenvectors"] = eigen.values, eigen.vectors
+            if eigen.complement is not None:
+                state[f"{prefix}_complement"] = eigen.complement
+        if damping is not None:
+            state[f"{prefix}_damping"] = damping
+        return state
+
+    def load(self, state: dict[str, Any], prefix: str) -> None:
+        like = torch.empty((), device=self.device, dtype=self.dtype)
+
+        def optional(key: str) -> Tensor | None:
+            return take(state, f"{prefix}_{key}", like) if f"{prefix}_{key}" in state else None
+
+        matrix, values, complement, damping = (optional(k) for k in ("inverse", "eigenvalues", "complement", "damping"))
+        eigen = None if values is None else Eigen(values, optional("eigenvectors"), complement)
+        self.inverse = None if matrix is None and eigen is None else Inverse(matrix, eigen, damping)
+
+
+class DenseFactor(Factor):
+    """The EA factor ``F`` (``d × d``) with a dense eigh or Cholesky inverse.
+
+    The running average never admits a non-finite batch (``torch.where`` on a
+    fused finiteness check, no host sync), and the first finite batch replaces
+    the zero initial value exactly (no identity blending).
+    """
+
+    def __init__(self, dim: int, config: KFAC, **kwargs: Any) -> None:
+        super().__init__(dim, config, **kwargs)
+        self.value = torch.zeros(dim, dim, device=self.device, dtype=self.dtype)
+        self.initialized = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.staged: Tensor | None = None
+
+    def accumulate(self, rows: Tensor) -> None:
+        gram = rows.T @ rows
+        self.staged = gram if self.staged is None else self.staged.add_(gram)
+
+    def discard(self) -> None:
+        self.staged = None
+
+    def fold(self, scale: float, ema: float) -> None:
+        if self.staged is None:
+            return
+        batch = self.staged.mul_(scale)
+        self.staged = None
+        finite = torch.isfinite(batch).all()
+        weight = self.initialized.to(batch.dtype) * ema  # in the factor's dtype: ρ exact in fp64
+        averaged = torch.lerp(batch, self.value, weight)
+        self.value = torch.where(finite, averaged, self.value)
+        self.initialized = self.initialized | finite
+
+    def mean_eigenvalue(self) -> Tensor:
+        return self.value.diagonal().mean()
+
+    def decompose(self, damping: Tensor | None, step: int) -> Inverse | None:
+        if damping is None:
+            eigen = robust_eigh(self.value)
+            return None if eigen is None else Inverse(eigen=Eigen(*eigen))
+        if self.config.inverse == "eigh":
+            eigen = robust_eigh(self.value)
+            return None if eigen is None else Inverse(matrix=inverse_from_eigh(*eigen, damping))
+        eye = torch.eye(self.dim, device=self.device, dtype=self.dtype)
+        chol = robust_cholesky(self.value + damping * eye)
+        return None if chol is None else Inverse(matrix=torch.cholesky_inverse(chol))
+
+    def state(self, prefix: str) -> dict[str, Any]:
+        return {prefix: self.value, f"{prefix}_initialized": self.initialized, **super().state(prefix)}
+
+    def load(self, state: dict[str, Any], prefix: str) -> None:
+        self.value = take(state, prefix, self.value)
+        self.initialized = take(state, f"{prefix}_initialized", self.initialized)
+        super().load(state, prefix)
+
+
+def layer_generator(device: torch.device, seed_text: str) -> torch.Generator:
+    """A generator seeded from text (the layer and side), identical in every process."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(zlib.crc32(seed_text.encode()))
+    return generator
+
+
+class SketchedFactor(DenseFactor):
+    """The EA factor with a randomized top-``rank`` eigendecomposition (R-KFAC, SRE-KFAC, Nyström).
+
+    The sketch's Gaussian test matrices come from a per-factor generator
+    (seeded from the layer name, checkpointed), so runs are reproducible and
+    every process draws the same sketch.
+    """
+
+    config: SketchedKFAC
+
+    def __init__(self, dim: int, config: SketchedKFAC, *, seed_text: str, **kwargs: Any) -> None:
+        super().__init__(dim, config, **kwargs)
+        self.rank = config.rank
+        self.generator = layer_generator(self.device, seed_text)
+
+    def _sketch(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        config = self.config
+        return sketch_eigen(matrix, config.representation, self.rank, config.oversample, config.power_iters, self.generator)
+
+    def decompose(self, damping: Tensor | None, step: int) -> Inverse | None:
+        result = robust_decompose(self._sketch, self.value)
+        if result is None:
+            return None
+        values, vectors = result
+        bounds = self.config.rank_bounds
+        if bounds is not None:
+            self.rank = adapted_rank(values, (bounds[0], min(bounds[1], self.dim)), self.config.rank_target)
+        return Inverse(eigen=with_complement(values, vectors, self.config.complement), damping=damping)
+
+    def state(self, prefix: str) -> dict[str, Any]:
+        return {**super().state(prefix), f"{prefix}_rank": self.rank, f"{prefix}_generator": self.generator.get_state()}
+
+    def load(self, state: dict[str, Any], prefix: str) -> None:
+        super().load(state, prefix)
+        self.rank = int(state[f"{prefix}_rank"])
+        self.generator.set_state(state[f"{prefix}_generator"])
