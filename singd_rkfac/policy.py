@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._table import format_bytes, format_table
+from .auto import auto_policy
 from .curvature import curvature_class
 from .layers import Layer, layer_class
 from .methods import KFAC, METHODS, CurvatureMethod, Method, Skip
@@ -221,6 +222,10 @@ class Policy:
             rows.append([p.name, type(p.module).__name__, layer.shape_text, p.method.summary(), format_bytes(size), note])
         table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
         return f"{table}\ncurvature state (estimated): {format_bytes(total)}"
+
+    #: A K-FAC-family representation per layer and factor from sizes and a
+    #: memory budget (`singd_rkfac.auto.auto_policy`).
+    auto = staticmethod(auto_policy)
 
     # -- configs ------------------------------------------------------------
     @classmethod
