@@ -10,6 +10,8 @@ in the curvature code); randomness comes from an explicit generator.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,8 @@ __all__ = ["SKETCHES", "brand_update", "corrected", "range_finder", "sketch_eige
 
 def top(values: Tensor, vectors: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """The ``rank`` largest eigenpairs of ascending ``values`` (``(r,)``, ``(d, r)``)."""
-    return values[-rank:], vectors[:, -rank:]
+    start = values.shape[0] - min(rank, values.shape[0])
+    return values[start:], vectors[:, start:]
 
 
 # -- randomized sketches -----------------------------------------------------------
@@ -103,24 +106,30 @@ def brand_update(values: Tensor, vectors: Tensor, rows: Tensor, decay: Tensor | 
 
     ``values`` ``(k,)``, ``vectors`` ``(d, k)`` orthonormal, ``rows`` ``X`` of
     shape ``(d, m)`` with ``k + m ≤ d``. ``C = Uᵀ X`` and ``P = X − U C``
-    (orthogonalised twice for stability); ``P = Q R``; the small
-    ``(k+m) × (k+m)`` matrix ``[[decay·diag(s) + CCᵀ, CRᵀ], [RCᵀ, RRᵀ]]`` has
-    eigenpairs ``(σ, W)``; the result is ``σ``, ``[U Q] W`` — exactly the EA
-    update before any truncation. Cost O(d·(k + m)²). Returns ascending
-    eigenpairs of size ``k + m``.
+    (orthogonalised twice for stability); an orthonormal basis ``Q`` of
+    ``P``'s numerical range (thin SVD, singular values below
+    ``max(d, m)·eps·‖X‖`` dropped — a plain QR would complete a rank-deficient
+    ``P`` with columns that are not orthogonal to ``U``) and ``R = Qᵀ P``; the
+    small ``(k+m') × (k+m')`` matrix ``[[decay·diag(s) + CCᵀ, CRᵀ], [RCᵀ, RRᵀ]]``
+    has eigenpairs ``(σ, W)``; the result is ``σ``, ``[U Q] W`` — exactly the
+    EA update before any truncation. Cost O(d·(k + m)²); one host sync (the
+    numerical rank). Returns ascending eigenpairs of size ``k + m' ≤ k + m``.
     """
     coords = vectors.T @ rows
     residual = rows - vectors @ coords
     again = vectors.T @ residual
     residual -= vectors @ again
     coords += again
-    q, r = torch.linalg.qr(residual)
-    stacked = torch.cat([coords, r])  # (k+m, m): X = [U Q] stacked
+    left, singular, right = torch.linalg.svd(residual, full_matrices=False)
+    tolerance = max(rows.shape) * torch.finfo(rows.dtype).eps * torch.linalg.matrix_norm(rows)
+    kept = int((singular > tolerance).sum())
+    basis = left[:, :kept]
+    stacked = torch.cat([coords, singular[:kept, None] * right[:kept]])  # (k+m', m): X = [U Q] stacked
     small = stacked @ stacked.T
     k = values.shape[0]
     small[:k, :k] += torch.diag(values * decay)
     new_values, rotation = torch.linalg.eigh((small + small.T) / 2)
-    return new_values.clamp_min(0.0), torch.cat([vectors, q], dim=1) @ rotation
+    return new_values.clamp_min(0.0), torch.cat([vectors, basis], dim=1) @ rotation
 
 
 def corrected(values: Tensor, vectors: Tensor, matrix: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -131,7 +140,7 @@ def corrected(values: Tensor, vectors: Tensor, matrix: Tensor, fraction: float, 
     their span: orthonormality is kept). Cost O(d²·|S|). Returns ascending pairs.
     """
     rank = values.shape[0]
-    count = max(1, min(rank, round(fraction * rank)))
+    count = max(1, min(rank, math.ceil(fraction * rank)))
     chosen = torch.randperm(rank, generator=generator, device=generator.device)[:count].to(values.device)
     subset = vectors[:, chosen]
     projected = subset.T @ matrix @ subset
