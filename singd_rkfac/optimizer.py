@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from . import amp
 from .policy import Policy
 from .preconditioner import Preconditioner
 from .update_rules import ADAMW_KEYS, SGD_KEYS, adamw_step, sgd_step
@@ -51,7 +53,21 @@ class Optimizer(torch.optim.Optimizer):
             ``weight_decay``; SGD: ``momentum``, ``nesterov``,
             ``decoupled_weight_decay``; AdamW: ``betas``, ``eps``).
         max_decomposition_failures: see `Preconditioner`.
+        grad_scaler: the loop's `torch.amp.GradScaler`; only needed when the
+            loop calls ``scaler.unscale_(opt)`` (e.g. to clip gradients): then
+            ``scaler.step`` no longer hands the loss scale over, and the
+            curvature statistics must still be unscaled.
+
+    AMP: ``scaler.step(opt)`` hands the optimizer ``grad_scale`` and
+    ``found_inf`` (``_step_supports_amp_scaling``); the optimizer unscales the
+    gradients itself, divides the G-side statistics by the scale squared and,
+    on ``found_inf``, drops the step's statistics and changes nothing. Without
+    a scaler, a non-finite gradient skips the step with a ``UserWarning``. One
+    fused check and one host sync per step, none per layer.
     """
+
+    #: ``GradScaler.step`` hands over ``grad_scale`` / ``found_inf`` instead of unscaling itself.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -67,6 +83,7 @@ class Optimizer(torch.optim.Optimizer):
         fallback: str = "sgd",
         fallback_options: Mapping[str, Any] | None = None,
         max_decomposition_failures: int = 10,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         _check_number("lr", lr, 0.0)
         _check_number("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -84,7 +101,10 @@ class Optimizer(torch.optim.Optimizer):
             "weight_decay": weight_decay, "decoupled_weight_decay": bool(decoupled_weight_decay),
         }
         fallback_group = self._fallback_group(fallback, defaults, fallback_options or {})
-        self.preconditioner = Preconditioner(model, policy, max_decomposition_failures=max_decomposition_failures)
+        self.preconditioner = Preconditioner(
+            model, policy, max_decomposition_failures=max_decomposition_failures, grad_scaler=grad_scaler
+        )
+        self._warned_unknown_scale = False
         self.clip = clip
         self.fallback = fallback
         groups: list[dict[str, Any]] = [
@@ -129,13 +149,50 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        inner = self.preconditioner.precondition(inner_products=self.clip is not None)
+        proceed, scale = self._amp_step()
+        if not proceed:
+            return loss
+        inner = self.preconditioner.precondition(inner_products=self.clip is not None, loss_scale=scale)
         curvature_groups = [g for g in self.param_groups if g["rule"] == "curvature"]
         if self.clip is not None and inner:
             self._clip(curvature_groups, inner)
         sgd_step([g for g in self.param_groups if g["rule"] in ("curvature", "sgd")], self.state)
         adamw_step([g for g in self.param_groups if g["rule"] == "adamw"], self.state)
         return loss
+
+    def _amp_step(self) -> tuple[bool, torch.Tensor | None]:
+        """Unscale and check the gradients: ``(proceed, loss scale of this step's statistics)``.
+
+        ``grad_scale`` set by ``GradScaler.step``: the gradients are still
+        scaled, so they are unscaled here, fused with the inf check. Only
+        ``found_inf`` set: the user called ``scaler.unscale_`` (gradients
+        unscaled and checked already). Neither: no scaler; the gradients are
+        checked. ``proceed`` is ``False`` when a gradient held inf/NaN.
+        """
+        handed_scale = getattr(self, "grad_scale", None)
+        handed_inf = getattr(self, "found_inf", None)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if handed_scale is not None:
+            found = amp.unscale_and_check_(grads, handed_scale.double().reciprocal()) + handed_inf.reshape(())
+        elif handed_inf is not None:
+            found = handed_inf
+        else:
+            found = amp.unscale_and_check_(grads)
+        if bool(found):  # the step's one host sync
+            self.preconditioner.skip_nonfinite(warn=handed_inf is None)
+            return False, None
+        if handed_scale is not None:
+            return True, handed_scale
+        scale = amp.loss_scale(self.preconditioner.grad_scaler)
+        if scale is None and handed_inf is not None and not self._warned_unknown_scale:
+            self._warned_unknown_scale = True
+            warnings.warn(
+                "GradScaler.step after scaler.unscale_(opt) does not hand over the loss scale: pass "
+                "grad_scaler=scaler to sr.Optimizer so curvature statistics are unscaled too",
+                UserWarning,
+                stacklevel=3,
+            )
+        return True, scale
 
     def _clip(self, groups: list[dict[str, Any]], inner: dict[str, torch.Tensor]) -> None:
         """Scale preconditioned gradients by ``min(1, sqrt(κ / |Σ lr²⟨V,∇⟩|))`` (no host sync)."""

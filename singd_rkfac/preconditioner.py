@@ -8,13 +8,14 @@ step) and is the engine inside `Optimizer`.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._table import format_bytes, format_table
+from . import amp
 from .capture import ForwardPasses, LayerCapture
 from .curvature import Curvature, curvature_class
 from .layers import Layer
@@ -44,8 +45,14 @@ class Preconditioner:
         policy: which method each layer gets (default: ``Policy()``, K-FAC everywhere).
         max_decomposition_failures: consecutive failed decompositions of one
             layer after which a `DecompositionError` is raised.
+        grad_scaler: the `torch.amp.GradScaler` of the training loop, if any:
+            statistics captured under its loss scale are unscaled exactly.
 
-    Call `step` after ``backward()`` and before the optimizer's step.
+    Call `step` after ``backward()`` and before the optimizer's step. The
+    gradients may still be scaled (preconditioning is linear; the scaler's
+    ``step`` unscales them) or already unscaled by ``scaler.unscale_``. A
+    step whose managed gradients hold inf/NaN folds no statistics and leaves
+    the gradients for the scaler to skip (without a scaler it warns).
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class Preconditioner:
         policy: Policy | None = None,
         *,
         max_decomposition_failures: int = 10,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
@@ -61,9 +69,14 @@ class Preconditioner:
             raise ValueError(f"policy must be a sr.Policy (got {type(policy).__name__})")
         if isinstance(max_decomposition_failures, bool) or not isinstance(max_decomposition_failures, int) or max_decomposition_failures < 1:
             raise ValueError(f"max_decomposition_failures must be an integer >= 1 (got {max_decomposition_failures!r})")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None (got {type(grad_scaler).__name__})")
         self.model = model
         self.policy = Policy() if policy is None else policy
+        self.grad_scaler = grad_scaler
         self.steps = 0
+        #: Steps skipped because a gradient held inf/NaN.
+        self.skipped_steps = 0
         self._passes = ForwardPasses(model)
         plans = self.policy.plan(model)
         self.layers: dict[str, ManagedLayer] = {
@@ -106,20 +119,46 @@ class Preconditioner:
             m.capture.active = self.steps % m.method.statistics_every == 0
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Fold statistics, refresh what is due, overwrite ``.grad`` with preconditioned gradients."""
-        self.precondition()
+    def step(self) -> bool:
+        """Fold statistics, refresh what is due, overwrite ``.grad`` with preconditioned gradients.
+
+        Returns ``False`` (and changes nothing but dropping this step's
+        statistics) when a managed gradient holds inf/NaN. One fused check and
+        one host sync per step, none per layer.
+        """
+        grads = [p.grad for params in self.managed_parameters().values() for p in params if p.grad is not None]
+        if bool(amp.unscale_and_check_(grads)):
+            self.skip_nonfinite(warn=self.grad_scaler is None)
+            return False
+        self.precondition(loss_scale=amp.loss_scale(self.grad_scaler))
+        return True
+
+    def skip_nonfinite(self, *, warn: bool) -> None:
+        """Drop this step's statistics after a non-finite gradient (warning when nobody else will say so)."""
+        self.skip()
+        self.skipped_steps += 1
+        if warn:
+            warnings.warn(
+                f"non-finite gradient at step {self.steps}: step skipped, curvature and parameters "
+                f"unchanged ({self.skipped_steps} skipped so far)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @torch.no_grad()
-    def precondition(self, *, inner_products: bool = False) -> dict[str, Tensor]:
-        """`step`, optionally returning ``⟨V, ∇⟩`` per preconditioned layer.
+    def precondition(self, *, inner_products: bool = False, loss_scale: Tensor | None = None) -> dict[str, Tensor]:
+        """Fold statistics, refresh, precondition; optionally return ``⟨V, ∇⟩`` per layer.
 
-        The inner products (0-d tensors, no host sync) serve the optimizer's
-        KL-style clipping.
+        ``loss_scale`` is the AMP scale the backward pass ran under (statistics
+        are unscaled by it). The inner products (0-d tensors, no host sync)
+        serve the optimizer's KL-style clipping.
         """
         inner: dict[str, Tensor] = {}
         for name, m in self.layers.items():
-            m.curvature.update(self.steps, m.capture.take())
+            counts = m.capture.take()
+            if counts is not None and loss_scale is not None:
+                counts = replace(counts, loss_scale=loss_scale)
+            m.curvature.update(self.steps, counts)
             grad = m.layer.grad_matrix()
             if grad is None:
                 continue

@@ -39,10 +39,13 @@ class BatchCounts:
             for K-FAC-expand, samples for reduce).
         samples: number of distinct samples (micro-batches add up; a module
             called twice in one forward counts its samples once).
+        loss_scale: the AMP loss scale the backward pass ran under (a
+            1-element tensor), or ``None``; G-side statistics are divided by its square.
     """
 
     rows: int
     samples: int
+    loss_scale: Tensor | None = None
 
 
 class Curvature(ABC):
@@ -81,14 +84,20 @@ class Curvature(ABC):
     def update(self, step: int, counts: BatchCounts | None) -> None:
         """Fold staged statistics (if ``counts``) and refresh what is due at ``step``."""
 
-    def g_scale(self, counts: BatchCounts) -> float:
+    def g_scale(self, counts: BatchCounts) -> float | Tensor:
         """Factor turning ``Σ gᵀg`` of raw output gradients into the per-sample average.
+
+        Under an AMP loss scale ``s`` it is divided by ``s²`` (a 0-d tensor: no host sync).
 
         With a batch-averaged loss each output gradient carries ``1/N``;
         ``G = Σ (N g)(N g)ᵀ / N = N Σ g gᵀ``. With a summed loss ``G = Σ g gᵀ / N``.
         """
         n = counts.samples
-        return float(n) if self.method.loss_average == "batch" else 1.0 / n
+        scale = float(n) if self.method.loss_average == "batch" else 1.0 / n
+        if counts.loss_scale is None:
+            return scale
+        work = torch.promote_types(self.dtype, torch.float32)  # N/s² underflows fp16
+        return (scale / counts.loss_scale.to(self.device, work).square()).reshape(())
 
     # -- preconditioning --------------------------------------------------
     @property
