@@ -117,8 +117,7 @@ class BrandFactor(Factor):
         bounds = self.config.rank_bounds
         if bounds is not None and values.numel():
             self.rank = adapted_rank(values, (bounds[0], min(bounds[1], self.dim - 1)), self.config.rank_target)
-        values, vectors = top(values, vectors, self.rank)
-        self.values, self.vectors = values.clone(), vectors.contiguous()  # free the untruncated storage
+        self.values, self.vectors = top(values, vectors, self.rank)
 
     def mean_eigenvalue(self) -> Tensor:
         return self.trace / self.dim
@@ -173,6 +172,10 @@ class BrandFactor(Factor):
         self.rank = int(state[f"{prefix}_rank"])
         self.last_periodic = float(state[f"{prefix}_last_periodic"])
         super().load(state, prefix)
+        saved = [state.get(f"{prefix}_{key}") for key in ("eigenvalues", "eigenvectors", "brand_values", "brand_vectors")]
+        if saved[0] is not None and all(a.data_ptr() == b.data_ptr() for a, b in zip(saved[:2], saved[2:])):
+            # the preconditioner used the live (U, s) when saved: share them again instead of holding two copies
+            self.inverse = self.inverse._replace(eigen=self.inverse.eigen._replace(values=self.values, vectors=self.vectors))
         if self.dense is not None:
             self.dense.load(state, f"{prefix}_dense")
             self.generator.set_state(state[f"{prefix}_generator"])

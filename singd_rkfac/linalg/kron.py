@@ -43,14 +43,14 @@ class Eigen(NamedTuple):
 
 
 def with_complement(values: Tensor, vectors: Tensor, complement: str) -> Eigen:
-    """An `Eigen` whose complement eigenvalue is ``min(values)`` or ``0``.
+    """An `Eigen` whose complement eigenvalue is ``min(values)`` or ``0`` (``0`` when nothing is kept).
 
     ``"min"`` continues the spectrum flat past the kept modes (Puiu); ``"zero"``
     treats the discarded modes as absent. A square ``vectors`` needs none.
     """
     if vectors.shape[1] >= vectors.shape[0]:
         return Eigen(values, vectors, None)
-    floor = values.min() if complement == "min" else values.new_zeros(())
+    floor = values.min() if complement == "min" and values.numel() else values.new_zeros(())
     return Eigen(values, vectors, floor)
 
 

@@ -19,9 +19,14 @@ __all__ = ["SKETCHES", "brand_update", "corrected", "range_finder", "sketch_eige
 
 
 def top(values: Tensor, vectors: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """The ``rank`` largest eigenpairs of ascending ``values`` (``(r,)``, ``(d, r)``)."""
+    """The ``rank`` largest eigenpairs of ascending ``values`` (``(r,)``, ``(d, r)``).
+
+    Truncated pairs are compact copies, so the discarded columns' storage is freed.
+    """
     start = values.shape[0] - min(rank, values.shape[0])
-    return values[start:], vectors[:, start:]
+    if start == 0:
+        return values, vectors
+    return values[start:].clone(), vectors[:, start:].contiguous()
 
 
 # -- randomized sketches -----------------------------------------------------------
