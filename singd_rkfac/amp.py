@@ -3,7 +3,11 @@
 DESIGN §4. Curvature statistics are captured in the backward pass, so under a
 `torch.amp.GradScaler` the output gradients carry the loss scale ``s`` and
 every G-side statistic carries ``s²``; the curvature divides by it when the
-statistics are folded (exact: scales are powers of two). Gradients are checked
+statistics are folded (exact: scales are powers of two). So that a large scale
+(it keeps growing while gradients stay finite) cannot overflow the statistics,
+the capture multiplies output gradients by ``1/s`` first — the scaler's current
+scale when the optimizer was given ``grad_scaler=``, else the previous step's —
+leaving at most the step-to-step ratio of scales in them. Gradients are checked
 for inf/NaN with PyTorch's fused multi-tensor kernel — one launch per device,
 no per-layer host synchronisation; the caller reads the single flag once per
 step.
@@ -17,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["loss_scale", "unscale_and_check_"]
+__all__ = ["effective_scale", "inverse_scale", "loss_scale", "unscale_and_check_"]
 
 
 def loss_scale(grad_scaler: "torch.amp.GradScaler | None") -> Tensor | None:
@@ -33,6 +37,19 @@ def loss_scale(grad_scaler: "torch.amp.GradScaler | None") -> Tensor | None:
     if scale is None:  # no backward has been scaled yet: the scale the next one will use
         scale = torch.tensor([grad_scaler.get_scale()])
     return scale
+
+
+def inverse_scale(grad_scaler: "torch.amp.GradScaler | None") -> Tensor | None:
+    """``1/s`` of the scaler's current scale (exact: a power of two), or ``None`` when there is none."""
+    scale = loss_scale(grad_scaler)
+    return None if scale is None else scale.double().reciprocal().float()
+
+
+def effective_scale(loss_scale: Tensor | None, prescale: Tensor | None) -> Tensor:
+    """The scale statistics carry: the loss scale times the prescale the capture applied (both optional)."""
+    if prescale is None:
+        return loss_scale
+    return prescale if loss_scale is None else loss_scale.to(prescale.device) * prescale
 
 
 def unscale_and_check_(grads: Iterable[Tensor], inv_scale: Tensor | None = None) -> Tensor:

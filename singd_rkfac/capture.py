@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from . import amp
 from .curvature import BatchCounts
 from .layers import Layer
 
@@ -72,6 +73,12 @@ class LayerCapture:
         self.passes = passes
         #: Whether the next forward passes are statistics passes (set by the preconditioner).
         self.active = True
+        #: ``1/s`` of the AMP loss scale (a 1-element tensor) applied to output gradients before
+        #: any product, so statistics under a large scale cannot overflow (exact: s is a power of 2):
+        #: the scaler's current one when known, else the previous step's (set by the preconditioner).
+        self.g_prescale: Tensor | None = None
+        #: The loop's GradScaler, when the user gave it.
+        self.grad_scaler: torch.amp.GradScaler | None = None
         self._rows = 0
         self._samples = 0
         self._last_forward = -1
@@ -95,7 +102,12 @@ class LayerCapture:
 
     def _on_grad(self, grad_output: Tensor, *, inputs: Tensor, forward: int) -> None:
         a = self.layer.input_rows(inputs, self.approx, self.dtype)
-        g = self.layer.output_rows(grad_output.detach(), self.approx, self.dtype)
+        grad_output = grad_output.detach()
+        if self.grad_scaler is not None:
+            self.g_prescale = amp.inverse_scale(self.grad_scaler)
+        if self.g_prescale is not None:
+            grad_output = grad_output * self.g_prescale.to(grad_output.device)
+        g = self.layer.output_rows(grad_output, self.approx, self.dtype)
         self.sink(a, g)
         self._rows += a.shape[0]
         if forward != self._last_counted:

@@ -57,6 +57,12 @@ class Optimizer(torch.optim.Optimizer):
             loop calls ``scaler.unscale_(opt)`` (e.g. to clip gradients): then
             ``scaler.step`` no longer hands the loss scale over, and the
             curvature statistics must still be unscaled.
+        process_group: distributed training: ``None`` (default) detects a
+            ``DistributedDataParallel`` ``model`` or an initialized
+            ``torch.distributed``; ``False`` turns it off; ``True`` or a
+            ``ProcessGroup`` picks the group. See `Preconditioner` and
+            ``docs/distributed.md``.
+        grad_worker_fraction: see `Preconditioner` (only ``1``, COMM-OPT).
 
     AMP: ``scaler.step(opt)`` hands the optimizer ``grad_scale`` and
     ``found_inf`` (``_step_supports_amp_scaling``); the optimizer unscales the
@@ -84,6 +90,8 @@ class Optimizer(torch.optim.Optimizer):
         fallback_options: Mapping[str, Any] | None = None,
         max_decomposition_failures: int = 10,
         grad_scaler: torch.amp.GradScaler | None = None,
+        process_group: Any = None,
+        grad_worker_fraction: float = 1.0,
     ) -> None:
         _check_number("lr", lr, 0.0)
         _check_number("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -102,7 +110,8 @@ class Optimizer(torch.optim.Optimizer):
         }
         fallback_group = self._fallback_group(fallback, defaults, fallback_options or {})
         self.preconditioner = Preconditioner(
-            model, policy, max_decomposition_failures=max_decomposition_failures, grad_scaler=grad_scaler
+            model, policy, max_decomposition_failures=max_decomposition_failures, grad_scaler=grad_scaler,
+            process_group=process_group, grad_worker_fraction=grad_worker_fraction,
         )
         self._warned_unknown_scale = False
         self.clip = clip
@@ -178,7 +187,7 @@ class Optimizer(torch.optim.Optimizer):
             found = handed_inf
         else:
             found = amp.unscale_and_check_(grads)
-        if bool(found):  # the step's one host sync
+        if self.preconditioner.found_nonfinite(found):  # the step's one host sync (distributed: all ranks agree)
             self.preconditioner.skip_nonfinite(warn=handed_inf is None)
             return False, None
         if handed_scale is not None:

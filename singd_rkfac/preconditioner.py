@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from ._table import format_bytes, format_table
 from . import amp
 from .capture import ForwardPasses, LayerCapture
-from .curvature import Curvature, curvature_class
+from . import distributed
+from .curvature import BatchCounts, Curvature, curvature_class
 from .layers import Layer
 from .methods import CurvatureMethod
 from .policy import LayerPlan, Policy, fallback_row
@@ -47,6 +48,17 @@ class Preconditioner:
             layer after which a `DecompositionError` is raised.
         grad_scaler: the `torch.amp.GradScaler` of the training loop, if any:
             statistics captured under its loss scale are unscaled exactly.
+        process_group: distributed training (see ``docs/distributed.md``).
+            ``None`` (default): automatic — the group of a
+            ``DistributedDataParallel`` ``model``, else the default group when
+            ``torch.distributed`` is initialized with more than one rank;
+            ``False``: one process regardless; ``True``: the default group; or
+            a ``ProcessGroup``. Statistics are averaged over the group, each
+            layer's decompositions / SINGD updates run on one rank and are
+            broadcast, and every rank ends each step with identical parameters.
+        grad_worker_fraction: KAISA's trade-off of memory for communication;
+            ``1`` (COMM-OPT: every rank keeps every preconditioner) is
+            implemented.
 
     Call `step` after ``backward()`` and before the optimizer's step. The
     gradients may still be scaled (preconditioning is linear; the scaler's
@@ -62,6 +74,8 @@ class Preconditioner:
         *,
         max_decomposition_failures: int = 10,
         grad_scaler: torch.amp.GradScaler | None = None,
+        process_group: Any = None,
+        grad_worker_fraction: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
@@ -71,6 +85,9 @@ class Preconditioner:
             raise ValueError(f"max_decomposition_failures must be an integer >= 1 (got {max_decomposition_failures!r})")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None (got {type(grad_scaler).__name__})")
+        # distributed: hooks and layer names belong to the module inside a DDP wrapper
+        wrapper, model = model, distributed.unwrap(model)
+        distributed.check_grad_worker_fraction(grad_worker_fraction)
         self.model = model
         self.policy = Policy() if policy is None else policy
         self.grad_scaler = grad_scaler
@@ -91,6 +108,9 @@ class Preconditioner:
                 stacklevel=3,
             )
         self._schedule_capture()
+        group = distributed.resolve_group(wrapper, process_group)
+        #: The multi-process driver (`singd_rkfac.distributed.Distributed`), ``None`` in one process.
+        self.distributed = None if group is None else distributed.Distributed(self, group, grad_worker_fraction)
 
     def _manage(self, plan: LayerPlan, max_failures: int) -> ManagedLayer:
         layer = plan.layer_cls(plan.module)
@@ -101,6 +121,7 @@ class Preconditioner:
             method, layer.dims, device=layer.weight.device, dtype=dtype, name=plan.name, max_failures=max_failures
         )
         capture = LayerCapture(plan.name, layer, method.kfac_approx, dtype, curvature.accumulate, self._passes)
+        capture.grad_scaler = self.grad_scaler
         return ManagedLayer(plan.name, layer, method, curvature, capture)
 
     # -- parameters -----------------------------------------------------------
@@ -127,11 +148,21 @@ class Preconditioner:
         one host sync per step, none per layer.
         """
         grads = [p.grad for params in self.managed_parameters().values() for p in params if p.grad is not None]
-        if bool(amp.unscale_and_check_(grads)):
+        if self.found_nonfinite(amp.unscale_and_check_(grads)):
             self.skip_nonfinite(warn=self.grad_scaler is None)
             return False
         self.precondition(loss_scale=amp.loss_scale(self.grad_scaler))
         return True
+
+    def found_nonfinite(self, found: Tensor) -> bool:
+        """Read this step's non-finite flag (``found > 0``): the step's one host sync.
+
+        Distributed, the flag is combined over ranks first (together with the
+        statistics' row counts), so that every rank skips when any must.
+        """
+        if self.distributed is None:
+            return bool(found)
+        return self.distributed.agree(found, self)
 
     def skip_nonfinite(self, *, warn: bool) -> None:
         """Drop this step's statistics after a non-finite gradient (warning when nobody else will say so)."""
@@ -153,26 +184,37 @@ class Preconditioner:
         are unscaled by it). The inner products (0-d tensors, no host sync)
         serve the optimizer's KL-style clipping.
         """
-        inner: dict[str, Tensor] = {}
-        for name, m in self.layers.items():
-            counts = m.capture.take()
-            if counts is not None and loss_scale is not None:
-                counts = replace(counts, loss_scale=loss_scale)
-            m.curvature.update(self.steps, counts)
-            grad = m.layer.grad_matrix()
-            if grad is None:
-                continue
-            if not m.curvature.ready:
-                self._warn_no_statistics(m)
-                continue
-            direction = m.curvature.precondition(grad)
-            if inner_products:
-                work = torch.promote_types(direction.dtype, torch.float32)
-                inner[name] = torch.vdot(direction.reshape(-1).to(work), grad.reshape(-1).to(work))
-            m.layer.write_grad(direction)
+        if self.distributed is not None:  # statistics, work and results shared across ranks
+            inner = self.distributed.precondition(self, inner_products=inner_products, loss_scale=loss_scale)
+        else:
+            inner = {}
+            for m in self.layers.values():
+                m.curvature.update(self.steps, self.step_counts(m, m.capture.take(), loss_scale))
+                self.precondition_layer(m, inner_products, inner)
         self.steps += 1
         self._schedule_capture()
         return inner
+
+    def step_counts(self, m: ManagedLayer, counts: BatchCounts | None, loss_scale: Tensor | None) -> BatchCounts | None:
+        """This step's counts of a layer's staged statistics, with the scale they carry (AMP)."""
+        if counts is not None and (loss_scale is not None or m.capture.g_prescale is not None):
+            counts = replace(counts, loss_scale=amp.effective_scale(loss_scale, m.capture.g_prescale))
+        m.capture.g_prescale = None if loss_scale is None else loss_scale.double().reciprocal().float()
+        return counts
+
+    def precondition_layer(self, m: ManagedLayer, inner_products: bool, inner: dict[str, Tensor]) -> None:
+        """Overwrite a layer's gradient with the preconditioned one (and note ``⟨V, ∇⟩``)."""
+        grad = m.layer.grad_matrix()
+        if grad is None:
+            return
+        if not m.curvature.ready:
+            self._warn_no_statistics(m)
+            return
+        direction = m.curvature.precondition(grad)
+        if inner_products:
+            work = torch.promote_types(direction.dtype, torch.float32)
+            inner[m.name] = torch.vdot(direction.reshape(-1).to(work), grad.reshape(-1).to(work))
+        m.layer.write_grad(direction)
 
     def skip(self) -> None:
         """Drop the statistics captured since the last step; change nothing else."""
@@ -240,7 +282,8 @@ class Preconditioner:
         rows.extend(fallback_row(p) for p in self.fallback_plans)
         total = sum(self.memory_bytes().values())
         table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
-        return f"{table}\ncurvature state: {format_bytes(total)}"
+        text = f"{table}\ncurvature state: {format_bytes(total)}"
+        return text if self.distributed is None else f"{text}\n{self.distributed.describe()}"
 
     def remove(self) -> None:
         """Remove every hook from the model."""

@@ -18,14 +18,17 @@ State is plain tensors and numbers (``state_dict``), so checkpoints load with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..layers import LayerDims
 from ..methods import CurvatureMethod
+
+if TYPE_CHECKING:
+    from ..distributed import StatisticsExchange
 
 __all__ = ["BatchCounts", "Curvature"]
 
@@ -150,3 +153,54 @@ class Curvature(ABC):
     @abstractmethod
     def cost(cls, method: CurvatureMethod, dims: LayerDims) -> float:
         """Flops per step, amortised over update periods (DESIGN §3.6 cost model)."""
+
+    # -- distributed data parallel (driven by singd_rkfac.distributed) ---------------
+    #: Whether this implementation takes part in multi-process training: it
+    #: implements `exchange_statistics` (and, to spread work, `update_assigned`,
+    #: `shared_state`, `load_shared_state`).
+    distributed_support: ClassVar[bool] = False
+
+    def g_weight(self, local: BatchCounts, total: BatchCounts) -> float | Tensor:
+        """Weight of one rank's staged G-side sums so that the sum over ranks, folded with ``total``, is exact.
+
+        The global ``G`` is the sample-weighted mean of the ranks' ``G``, each
+        made per-sample with its *local* batch (`g_scale` of ``local``, which
+        also undoes that rank's loss scale): ``Σ_r (n_r/N)·g_scale(local_r)·S_r``.
+        The fold multiplies the reduced sum by ``g_scale(total)`` (``total``
+        carries no loss scale), so rank ``r`` pre-multiplies ``S_r`` by
+        ``(n_r/N)·g_scale(local_r)/g_scale(total)``: ``(n_r/N)²`` for a
+        batch-averaged loss, ``1`` for a summed one. A-side sums need no weight
+        (``Σ_r aᵀa / Σ_r rows``).
+        """
+        return (local.samples / total.samples) * self.g_scale(local) / self.g_scale(replace(total, loss_scale=None))
+
+    def exchange_statistics(
+        self, exchange: "StatisticsExchange", local: BatchCounts | None, total: BatchCounts, rows_per_rank: list[int]
+    ) -> None:
+        """Hand the staged statistics to ``exchange`` so that afterwards every rank holds the global batch's.
+
+        ``local`` is this rank's counts (``None`` when it staged nothing; it
+        contributes zeros), ``total`` the sums over ranks (no loss scale: each
+        rank pre-weights its own, see `g_weight`), ``rows_per_rank`` the row
+        counts of every rank (for gathered rows). Called on every rank, in the
+        same layer order, before `update_assigned` with ``total``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support distributed training")
+
+    def update_assigned(self, step: int, counts: BatchCounts | None, *, compute: bool) -> bool:
+        """`update` where only the layer's owner (``compute=True``) does the expensive, assignable work.
+
+        The other ranks do the deterministic rest (running averages) and then
+        receive the owner's `shared_state`. Returns whether that happened this
+        step (the same answer on every rank). Default: every rank runs
+        `update` (replicated work, nothing to send).
+        """
+        self.update(step, counts)
+        return False
+
+    def shared_state(self) -> dict[str, Any]:
+        """What the owner's `update_assigned` changed: tensors and plain numbers."""
+        return {}
+
+    def load_shared_state(self, state: dict[str, Any]) -> None:
+        """Take the owner's `shared_state` (non-owners, same step)."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg import brand_update, corrected, robust_decompose, sketch_eigen, top, with_complement
+from ..linalg import Eigen, brand_update, corrected, robust_decompose, sketch_eigen, top, with_complement
 from ..methods import BKFAC, BKFACC, BRKFAC
 from .factors import DenseFactor, Factor, Inverse, adapted_rank, layer_generator, take
 
@@ -82,13 +82,17 @@ class BrandFactor(Factor):
             dense.accumulate(staged)
         return dense
 
-    def fold(self, scale: float, ema: float) -> None:
+    assigned_fold = True
+
+    def fold(self, scale: float, ema: float, *, compute: bool = True) -> None:
         if not self.staged:
             return
         rows = torch.cat(self.staged) if len(self.staged) > 1 else self.staged[0]
         self.staged = []
         if self.dense is not None:
             self.dense.fold(scale, ema)
+        if not compute:  # another rank owns this layer and sends the result (fold_state)
+            return
         # statistics steps of Brand are decompositions: one host sync is their price
         if not bool(torch.isfinite(rows).all()):
             return
@@ -122,6 +126,9 @@ class BrandFactor(Factor):
     def mean_eigenvalue(self) -> Tensor:
         return self.trace / self.dim
 
+    def has_statistics(self) -> bool:
+        return self.initialized
+
     # -- decomposition --------------------------------------------------------------
     def _periodic(self, step: int) -> None:
         """B-R-KFAC's refresh or B-KFAC-c's correction, when due."""
@@ -147,6 +154,78 @@ class BrandFactor(Factor):
         if self.failed:
             return None
         return Inverse(eigen=with_complement(self.values, self.vectors, self.config.complement), damping=damping)
+
+    # -- distributed ----------------------------------------------------------------------
+    def exchange(self, exchange: Any, weight: float | Tensor, rows_per_rank: list[int]) -> None:
+        """All-gather the rows (scaled by ``√weight``): the fold is not linear in a gram, it needs the rows.
+
+        The gathered rows are in rank order, i.e. the concatenated global batch,
+        so the chunked, truncating fold equals one process's on that batch. The
+        dense factor of B-R-KFAC / B-KFAC-c is re-staged from the gathered rows
+        (no ``d × d`` all-reduce).
+        """
+        if self.staged:
+            rows = torch.cat(self.staged) if len(self.staged) > 1 else self.staged[0]
+        else:
+            rows = torch.zeros(0, self.dim, device=self.device, dtype=self.dtype)
+        if not (isinstance(weight, float) and weight == 1.0):
+            root = weight.sqrt().to(rows.dtype) if isinstance(weight, Tensor) else math.sqrt(weight)
+            rows = rows * root
+        exchange.all_gather_rows(rows, rows_per_rank, self._set_gathered)
+
+    def _set_gathered(self, rows: Tensor) -> None:
+        self.staged = [rows]
+        if self.dense is not None:
+            self.dense.discard()
+            self.dense.accumulate(rows)
+
+    def fold_state(self, prefix: str) -> dict[str, Any]:
+        return {
+            f"{prefix}_brand_values": self.values,
+            f"{prefix}_brand_vectors": self.vectors,
+            f"{prefix}_trace": self.trace,
+            f"{prefix}_brand_initialized": self.initialized,
+            f"{prefix}_rank": self.rank,
+            f"{prefix}_failed": self.failed,
+        }
+
+    def decomposition_state(self, prefix: str) -> dict[str, Any]:
+        # the periodic refresh / correction may have changed (U, s) and drawn from the generator
+        state = {**self.fold_state(prefix), f"{prefix}_last_periodic": self.last_periodic}
+        if self.generator is not None:
+            state[f"{prefix}_generator"] = self.generator.get_state()
+        inverse = self.inverse
+        if inverse is not None and inverse.eigen.values is self.values and inverse.eigen.vectors is self.vectors:
+            # the preconditioner uses the live (U, s): send them once
+            state[f"{prefix}_decomposed"] = "live"
+            if inverse.eigen.complement is not None:
+                state[f"{prefix}_complement"] = inverse.eigen.complement
+            if inverse.damping is not None:
+                state[f"{prefix}_damping"] = inverse.damping
+            return state
+        return {**state, **super().decomposition_state(prefix)}
+
+    def load_shared(self, state: dict[str, Any], prefix: str) -> None:
+        if f"{prefix}_brand_values" in state:
+            self.values = take(state, f"{prefix}_brand_values", self.values)
+            self.vectors = take(state, f"{prefix}_brand_vectors", self.vectors)
+            self.trace = take(state, f"{prefix}_trace", self.trace)
+            self.initialized = bool(state[f"{prefix}_brand_initialized"])
+            self.rank = int(state[f"{prefix}_rank"])
+            self.failed = bool(state[f"{prefix}_failed"])
+        decomposed = state.get(f"{prefix}_decomposed")
+        if decomposed is None:
+            return
+        self.last_periodic = float(state[f"{prefix}_last_periodic"])
+        if self.generator is not None:
+            self.generator.set_state(state[f"{prefix}_generator"])
+        if decomposed == "live":
+            like = self.values
+            complement = take(state, f"{prefix}_complement", like) if f"{prefix}_complement" in state else None
+            damping = take(state, f"{prefix}_damping", like) if f"{prefix}_damping" in state else None
+            self.inverse = Inverse(eigen=Eigen(self.values, self.vectors, complement), damping=damping)
+        else:
+            super().load_shared(state, prefix)
 
     # -- state ------------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, Any]:

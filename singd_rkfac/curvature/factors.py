@@ -90,12 +90,20 @@ class Factor:
     def discard(self) -> None:
         raise NotImplementedError
 
-    def fold(self, scale: float, ema: float) -> None:
-        """Fold staged rows into the running average ``F ← ρF + (1−ρ)·scale·Σ rowsᵀrows``."""
+    def fold(self, scale: float, ema: float, *, compute: bool = True) -> None:
+        """Fold staged rows into the running average ``F ← ρF + (1−ρ)·scale·Σ rowsᵀrows``.
+
+        ``compute=False`` (a rank that does not own the layer): skip the
+        assignable part of the fold (`assigned_fold`), only drop the rows.
+        """
         raise NotImplementedError
 
     def mean_eigenvalue(self) -> Tensor:
         """``tr(F) / dim`` as a 0-d tensor (for π-damping)."""
+        raise NotImplementedError
+
+    def has_statistics(self) -> bool:
+        """Whether a finite batch has been folded in (one host sync; decomposition steps only)."""
         raise NotImplementedError
 
     def decompose(self, damping: Tensor | None, step: int) -> Inverse | None:
@@ -105,6 +113,27 @@ class Factor:
     def settle(self, rows: int) -> "Factor":
         """The factor to use from now on, given this step's row count (Brand may hand over to dense)."""
         return self
+
+    # -- distributed (see Curvature.exchange_statistics / update_assigned) -------------
+    #: Whether `fold` itself is the expensive, assignable work (Brand's eigh) rather than a running average.
+    assigned_fold = False
+
+    def exchange(self, exchange: Any, weight: float | Tensor, rows_per_rank: list[int]) -> None:
+        """Hand the staged statistics, pre-multiplied by ``weight``, to the distributed ``exchange``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support distributed training")
+
+    def fold_state(self, prefix: str) -> dict[str, Any]:
+        """State an assigned `fold` changed (sent by the layer's owner)."""
+        return {}
+
+    def decomposition_state(self, prefix: str) -> dict[str, Any]:
+        """State `decompose` + `commit` changed (sent by the layer's owner)."""
+        return {f"{prefix}_decomposed": 1, **Factor.state(self, prefix)}
+
+    def load_shared(self, state: dict[str, Any], prefix: str) -> None:
+        """Take what the owner sent (`fold_state` / `decomposition_state` keys present in ``state``)."""
+        if f"{prefix}_decomposed" in state:
+            Factor.load(self, state, prefix)
 
     # -- inverse --------------------------------------------------------------------
     def commit(self, inverse: Inverse) -> None:
@@ -165,7 +194,7 @@ class DenseFactor(Factor):
     def discard(self) -> None:
         self.staged = None
 
-    def fold(self, scale: float, ema: float) -> None:
+    def fold(self, scale: float, ema: float, *, compute: bool = True) -> None:
         if self.staged is None:
             return
         batch = self.staged.mul_(scale)
@@ -178,6 +207,20 @@ class DenseFactor(Factor):
 
     def mean_eigenvalue(self) -> Tensor:
         return self.value.diagonal().mean()
+
+    def exchange(self, exchange: Any, weight: float | Tensor, rows_per_rank: list[int]) -> None:
+        staged = self.staged
+        if staged is None:  # nothing captured on this rank: it adds zeros
+            staged = torch.zeros(self.dim, self.dim, device=self.device, dtype=self.dtype)
+        elif not (isinstance(weight, float) and weight == 1.0):
+            staged = staged.mul_(weight.to(staged.dtype) if isinstance(weight, Tensor) else weight)
+        exchange.all_reduce([staged], self._set_staged)
+
+    def _set_staged(self, reduced: list[Tensor]) -> None:
+        self.staged = reduced[0]
+
+    def has_statistics(self) -> bool:
+        return bool(self.initialized)
 
     def decompose(self, damping: Tensor | None, step: int) -> Inverse | None:
         if damping is None:
@@ -237,6 +280,17 @@ class SketchedFactor(DenseFactor):
 
     def state(self, prefix: str) -> dict[str, Any]:
         return {**super().state(prefix), f"{prefix}_rank": self.rank, f"{prefix}_generator": self.generator.get_state()}
+
+    def decomposition_state(self, prefix: str) -> dict[str, Any]:
+        # the owner drew the sketch: its generator (and adapted rank) move on for everybody
+        return {**super().decomposition_state(prefix), f"{prefix}_rank": self.rank,
+                f"{prefix}_generator": self.generator.get_state()}
+
+    def load_shared(self, state: dict[str, Any], prefix: str) -> None:
+        super().load_shared(state, prefix)
+        if f"{prefix}_decomposed" in state:
+            self.rank = int(state[f"{prefix}_rank"])
+            self.generator.set_state(state[f"{prefix}_generator"])
 
     def load(self, state: dict[str, Any], prefix: str) -> None:
         super().load(state, prefix)

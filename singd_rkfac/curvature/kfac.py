@@ -104,6 +104,8 @@ class KFACCurvature(Curvature):
         self.folds = 0
         self.decompositions = 0
         self.failures = FailureTracker(self.name, self.max_failures)
+        #: What the last `update_assigned` changed beyond running averages ("a", "g", "decomposition").
+        self._changed: list[str] = []
 
     @property
     def a_factor(self) -> Factor:
@@ -122,15 +124,59 @@ class KFACCurvature(Curvature):
             factor.discard()
 
     def update(self, step: int, counts: BatchCounts | None) -> None:
+        self.update_assigned(step, counts, compute=True)
+
+    def update_assigned(self, step: int, counts: BatchCounts | None, *, compute: bool = True) -> bool:
+        # One process: compute=True always. Distributed: only the layer's owner decomposes
+        # (and runs Brand folds); every rank keeps the running averages.
+        self._changed = []
         if counts is not None:
             for side, factor in self.factors.items():
                 self.factors[side] = factor = factor.settle(counts.rows)
                 scale = 1.0 / counts.rows if side == "a" else self.g_scale(counts)
-                factor.fold(scale, self.method.ema)
+                factor.fold(scale, self.method.ema, compute=compute)
+                if factor.assigned_fold:
+                    self._changed.append(side)
             self.folds += 1
         due = step % self.method.inverse_every == 0 or not self.ready
         if due and self.folds > 0:
-            self._decompose(step)
+            # a factor whose every batch so far was non-finite (dropped) has nothing to invert yet
+            if compute and all(f.has_statistics() for f in self.factors.values()):
+                self._decompose(step)
+            self._changed.append("decomposition")
+        return bool(self._changed)
+
+    # -- distributed (singd_rkfac.distributed) ---------------------------------------------
+    distributed_support = True
+
+    def exchange_statistics(
+        self, exchange: Any, local: BatchCounts | None, total: BatchCounts, rows_per_rank: list[int]
+    ) -> None:
+        for side, factor in self.factors.items():
+            # decide Brand validity on the global row count, before choosing what to send
+            self.factors[side] = factor = factor.settle(total.rows)
+            weight = 1.0 if side == "a" or local is None else self.g_weight(local, total)
+            factor.exchange(exchange, weight, rows_per_rank)
+
+    def shared_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "decompositions": self.decompositions,
+            "failures": self.failures.consecutive,
+            "failures_total": self.failures.total,
+        }
+        for side, factor in self.factors.items():
+            if side in self._changed:
+                state.update(factor.fold_state(PREFIXES[side]))
+            if "decomposition" in self._changed:
+                state.update(factor.decomposition_state(PREFIXES[side]))
+        return state
+
+    def load_shared_state(self, state: dict[str, Any]) -> None:
+        self.decompositions = int(state["decompositions"])
+        self.failures.consecutive = int(state["failures"])
+        self.failures.total = int(state["failures_total"])
+        for side, factor in self.factors.items():
+            factor.load_shared(state, PREFIXES[side])
 
     def _factor_dampings(self) -> tuple[Tensor | None, Tensor | None]:
         """``(λ_A, λ_G)`` for π-damping, ``(None, None)`` for exact damping."""

@@ -44,7 +44,7 @@ class SINGDCurvature(Curvature):
         self.alpha1 = method.momentum
         self.m_K = self.K.zeros_like() if self.alpha1 else None
         self.m_C = self.C.zeros_like() if self.alpha1 else None
-        #: fp16 products of many rows overflow or underflow: stage those in fp32.
+        #: fp16 products overflow or underflow: statistics and the preconditioner run in fp32 then.
         self.stage_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
         self.H_K: StructuredMatrix | None = None
         self.H_C: StructuredMatrix | None = None
@@ -75,6 +75,54 @@ class SINGDCurvature(Curvature):
         self.discard()
         self._step_factors(step, h_k, h_c)
         self.updates += 1
+
+    # -- distributed (singd_rkfac.distributed) ---------------------------------------------
+    distributed_support = True
+
+    def exchange_statistics(
+        self, exchange: Any, local: BatchCounts | None, total: BatchCounts, rows_per_rank: list[int]
+    ) -> None:
+        # H_K = Π(Kᵀ aᵀa K) is linear in aᵀa and K is the same on every rank: the sums add up.
+        if self.H_K is None or self.H_C is None:  # nothing captured on this rank: it adds zeros
+            self.H_K, self.H_C = self.K.zeros_like().to(self.stage_dtype), self.C.zeros_like().to(self.stage_dtype)
+        elif local is not None:
+            self.H_C.mul_(self.g_weight(local, total))
+        parts_k, parts_c = list(self.H_K.tensors().values()), list(self.H_C.tensors().values())
+
+        def receive(reduced: list[Tensor]) -> None:
+            names_k, names_c = self.H_K.parts, self.H_C.parts
+            self.H_K = self.H_K._with(dict(zip(names_k, reduced[: len(parts_k)])))
+            self.H_C = self.H_C._with(dict(zip(names_c, reduced[len(parts_k) :])))
+
+        exchange.all_reduce(parts_k + parts_c, receive)
+
+    def update_assigned(self, step: int, counts: BatchCounts | None, *, compute: bool = True) -> bool:
+        if counts is None or self.H_K is None or self.H_C is None:
+            return False
+        if compute:
+            self.update(step, counts)
+        else:  # the owner sends K, C, the momenta and the cached outer products
+            self.discard()
+        return True
+
+    def _shared_matrices(self) -> dict[str, StructuredMatrix | None]:
+        return {**self._matrices(), "KKt": self.KKt, "CCt": self.CCt}
+
+    def shared_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            f"{key}.{part}": tensor
+            for key, matrix in self._shared_matrices().items()
+            if matrix is not None
+            for part, tensor in matrix.tensors().items()
+        }
+        state["updates"] = self.updates
+        return state
+
+    def load_shared_state(self, state: dict[str, Any]) -> None:
+        for key, matrix in self._shared_matrices().items():
+            if matrix is not None:
+                setattr(self, key, matrix._with({part: state[f"{key}.{part}"] for part in matrix.parts}))
+        self.updates = int(state["updates"])
 
     def _step_factors(self, step: int, h_k: StructuredMatrix, h_c: StructuredMatrix) -> None:
         method, damping = self.method, self.method.damping
@@ -124,10 +172,13 @@ class SINGDCurvature(Curvature):
         return True  # K = C = I is a valid (identity) preconditioner
 
     def precondition(self, grad: Tensor) -> Tensor:
-        grad = grad.to(self.dtype)
+        # fp16 state: apply in fp32 — C Cᵀ ∇W K Kᵀ can exceed fp16's range although every factor fits
+        work = self.stage_dtype
+        grad = grad.to(work)
+        k_kt, c_ct = (None if m is None else m.to(dtype=work) for m in (self.KKt, self.CCt))
         # ∇W K Kᵀ: the cached K Kᵀ is symmetric, so ∇W (K Kᵀ) = rmul
-        right = self.KKt.rmul(grad) if self.KKt is not None else self.K.apply_outer(grad.T).T
-        return self.CCt.mv(right) if self.CCt is not None else self.C.apply_outer(right)
+        right = k_kt.rmul(grad) if k_kt is not None else self.K.to(dtype=work).apply_outer(grad.T).T
+        return c_ct.mv(right) if c_ct is not None else self.C.to(dtype=work).apply_outer(right)
 
     # -- state ---------------------------------------------------------------------------
     def _matrices(self) -> dict[str, StructuredMatrix]:

@@ -1,0 +1,1 @@
+"""Mixed precision, AMP and numerical-robustness tests (DESIGN §4–§5)."""
