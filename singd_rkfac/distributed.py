@@ -301,16 +301,15 @@ class Distributed:
         world: the group's size.
         owners: rank that computes each layer's decompositions / updates.
         loads: the `Curvature.cost` total assigned to each rank.
-        bytes: payload bytes this rank sent in the last step, by collective
-            (``flags``, ``all_reduce``, ``all_gather``, ``broadcast``, ``metadata``).
+        bytes: payload bytes this rank contributed in the last step, by
+            collective (``flags``, ``all_reduce``, ``all_gather``, ``metadata``,
+            ``broadcast``; a ring all-reduce moves about twice its payload).
+        total_bytes: the same, summed over every step so far.
+        communicated_steps: steps counted in ``total_bytes`` (skipped ones included).
     """
 
     def __init__(self, pre: "Preconditioner", group: Any, grad_worker_fraction: float = 1.0) -> None:
         check_grad_worker_fraction(grad_worker_fraction)
-        unsupported = [f"{name} ({type(m.curvature).__name__})" for name, m in pre.layers.items()
-                       if not m.curvature.distributed_support]
-        if unsupported:
-            raise ValueError(f"these layers' curvature methods do not support distributed training: {unsupported}")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -320,11 +319,17 @@ class Distributed:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
-        check_plan(group, plan_lines(pre, self.grad_worker_fraction), self.device)
+        check_plan(group, plan_lines(pre, self.grad_worker_fraction), self.device)  # first: the same on every rank
+        unsupported = [f"{name} ({type(m.curvature).__name__})" for name, m in pre.layers.items()
+                       if not m.curvature.distributed_support]
+        if unsupported:
+            raise ValueError(f"these layers' curvature methods do not support distributed training: {unsupported}")
         costs = {name: type(m.curvature).cost(m.method, m.curvature.dims) for name, m in pre.layers.items()}
         self.costs = costs
         self.owners, self.loads = assign_lpt(costs, self.world)
         self.bytes: dict[str, int] = {}
+        self.total_bytes: dict[str, int] = defaultdict(int)
+        self.communicated_steps = 0
         self._table: list[list[int]] | None = None
         self._local: dict[str, BatchCounts | None] = {}
 
@@ -355,6 +360,8 @@ class Distributed:
         dist.all_gather(gathered, vector, group=self.group)
         table = torch.stack(gathered).tolist()  # the host sync
         self.bytes = {"flags": vector.numel() * vector.element_size()}
+        self.total_bytes["flags"] += self.bytes["flags"]
+        self.communicated_steps += 1
         if any(row[0] for row in table):
             self._table = None
             return True
@@ -401,8 +408,11 @@ class Distributed:
         if changed:
             self._share(pre, changed, errors)
 
+        for kind, count in self.bytes.items():
+            if kind != "flags":
+                self.total_bytes[kind] += count
         inner: dict[str, Tensor] = {}
-        for name, m in pre.layers.items():
+        for m in pre.layers.values():
             pre.precondition_layer(m, inner_products, inner)
         return inner
 
@@ -451,9 +461,10 @@ class Distributed:
         for work, src, wire_dtype, buffer in pending:
             work.wait()
             received[(src, wire_dtype)] = buffer
+        # Owners load their own state back from what they sent, as the others do: every rank
+        # then holds the same values in the same (contiguous) layout, so later products agree
+        # bit for bit (eigh returns column-major vectors; a copy would be row-major).
         for src in range(self.world):
-            if src == self.rank:
-                continue
             src_numbers, src_specs, _ = meta[src]
             offsets: dict[torch.dtype, int] = defaultdict(int)
             for name, layer_specs in src_specs.items():

@@ -88,6 +88,7 @@ class Preconditioner:
         # distributed: hooks and layer names belong to the module inside a DDP wrapper
         wrapper, model = model, distributed.unwrap(model)
         distributed.check_grad_worker_fraction(grad_worker_fraction)
+        group = distributed.resolve_group(wrapper, process_group)
         self.model = model
         self.policy = Policy() if policy is None else policy
         self.grad_scaler = grad_scaler
@@ -108,9 +109,14 @@ class Preconditioner:
                 stacklevel=3,
             )
         self._schedule_capture()
-        group = distributed.resolve_group(wrapper, process_group)
         #: The multi-process driver (`singd_rkfac.distributed.Distributed`), ``None`` in one process.
-        self.distributed = None if group is None else distributed.Distributed(self, group, grad_worker_fraction)
+        self.distributed = None
+        if group is not None:
+            try:
+                self.distributed = distributed.Distributed(self, group, grad_worker_fraction)
+            except Exception:
+                self.remove()  # a failed construction leaves no hooks behind
+                raise
 
     def _manage(self, plan: LayerPlan, max_failures: int) -> ManagedLayer:
         layer = plan.layer_cls(plan.module)
