@@ -7,7 +7,11 @@ first take ``--steps`` steps on the same batches: the largest parameter
 difference between singd and ours is the trajectory agreement (fp32), and the
 steps double as warm-up. Then the three are timed interleaved (A B C A B C …),
 each timed call being one update period (T iterations); reported: median time
-per iteration and the ratios ours/singd, ours/AdamW, singd/AdamW.
+per iteration and the ratios ours/singd, ours/AdamW, singd/AdamW. A fourth
+copy trained by plain SGD gives the floor (forward + backward + the cheapest
+step); ``extra`` = iteration − floor is each optimizer's own time, and
+``0.8·singd/floor < 1`` flags a configuration where 0.8 × singd's time is
+below what any optimizer can reach.
 
 The two implementations round differently (≈ 1e-8 in fp32). Where a ReLU
 input of some sample lies within that rounding of 0, the two runs can take
@@ -55,6 +59,8 @@ STRUCTURES: dict[str, tuple[str, Any]] = {
     "toeplitz-upper": ("triutoeplitz", sr.structures.Toeplitz(lower=False)),
 }
 CONTENDERS = ("AdamW", "singd", "ours")
+#: Forward + backward + a plain SGD step: the time no optimizer can go below.
+FLOOR = "floor"
 
 
 def parser() -> common.BenchParser:
@@ -86,7 +92,7 @@ def quiet(step: Callable[[], None]) -> Callable[[], None]:
 
 
 def build(label: str, period: int, base: nn.Module, reference: type) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
-    """AdamW, singd's SINGD and ours on three copies of ``base``."""
+    """AdamW, singd's SINGD, ours and the floor (plain SGD) on copies of ``base``."""
     ref_name, ours_structure = STRUCTURES[label]
     h = HYPER
     models = {name: copy.deepcopy(base) for name in CONTENDERS}
@@ -104,7 +110,10 @@ def build(label: str, period: int, base: nn.Module, reference: type) -> dict[str
     ours = sr.Optimizer(models["ours"], sr.Policy(default=method), lr=h["lr"], momentum=h["momentum"],
                         weight_decay=h["weight_decay"], clip=None)
     adamw = torch.optim.AdamW(models["AdamW"].parameters(), lr=ADAMW_LR)
-    return {"AdamW": (models["AdamW"], adamw), "singd": (models["singd"], ref), "ours": (models["ours"], ours)}
+    models[FLOOR] = copy.deepcopy(base)
+    floor = torch.optim.SGD(models[FLOOR].parameters(), lr=h["lr"])
+    return {"AdamW": (models["AdamW"], adamw), "singd": (models["singd"], ref), "ours": (models["ours"], ours),
+            FLOOR: (models[FLOOR], floor)}
 
 
 @torch.no_grad()
@@ -156,13 +165,18 @@ def run_config(label: str, period: int, sizes: tuple[int, ...], reference: type,
 def summarize(raw: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for entry in raw:
-        med = {name: common.median(entry["seconds_per_iteration"][name]) for name in CONTENDERS}
+        med = {name: common.median(entry["seconds_per_iteration"][name]) for name in (*CONTENDERS, FLOOR)}
+        extra = {name: med[name] - med[FLOOR] for name in CONTENDERS}
         rows.append({
             "structure": entry["structure"], "singd_structure": entry["singd_structure"], "T": entry["T"],
             "seconds_per_iteration": med,
             "ours_over_singd": med["ours"] / med["singd"],
             "ours_over_adamw": med["ours"] / med["AdamW"],
             "singd_over_adamw": med["singd"] / med["AdamW"],
+            # the optimizers' own time: iteration minus forward + backward + plain SGD
+            "extra_seconds": extra,
+            "ours_over_singd_extra": extra["ours"] / extra["singd"] if extra["singd"] > 0 else None,
+            "target_over_floor": 0.8 * med["singd"] / med[FLOOR],
             "max_abs_diff": entry["trajectory"]["max_abs_diff_singd_vs_ours"],
             "max_abs_move": entry["trajectory"]["max_abs_move_from_init"],
             "adamw_spread": common.spread(entry["seconds_per_iteration"]["AdamW"]),
@@ -196,12 +210,13 @@ def figure(summary: dict[str, Any]) -> Any:
 
 
 def report(summary: dict[str, Any]) -> None:
-    headers = ["structure", "T", "AdamW [ms]", "singd [ms]", "ours [ms]", "ours/singd", "ours/AdamW",
-               "singd/AdamW", "max|Δparam|"]
+    headers = ["structure", "T", "floor [ms]", "AdamW [ms]", "singd [ms]", "ours [ms]", "ours/singd", "ours/AdamW",
+               "singd/AdamW", "extra ours/singd", "0.8·singd/floor", "max|Δparam|"]
     rows = [
-        [r["structure"], r["T"], *(common.fmt_ms(r["seconds_per_iteration"][n]) for n in CONTENDERS),
+        [r["structure"], r["T"], *(common.fmt_ms(r["seconds_per_iteration"][n]) for n in (FLOOR, *CONTENDERS)),
          *(common.fmt_ratio(r[k]) for k in ("ours_over_singd", "ours_over_adamw", "singd_over_adamw")),
-         f"{r['max_abs_diff']:.2e}"]
+         "-" if r["ours_over_singd_extra"] is None else common.fmt_ratio(r["ours_over_singd_extra"]),
+         common.fmt_ratio(r["target_over_floor"]), f"{r['max_abs_diff']:.2e}"]
         for r in summary["rows"]
     ]
     common.print_table(headers, rows, "time per iteration (median of repeats, interleaved) and trajectory agreement")

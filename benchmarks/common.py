@@ -223,10 +223,17 @@ _FAMILY_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple
 _BASELINE_STYLE = {"AdamW": {"color": "black", "linestyle": ":"}, "SGD": {"color": "grey", "linestyle": ":"}}
 
 
+#: The low-rank K-FAC family: its own colours, dash-dotted, triangles.
+_LOWRANK_COLOURS = {"RKFAC": "navy", "SREKFAC": "teal", "NystromKFAC": "darkviolet", "BKFAC": "crimson",
+                    "BRKFAC": "darkorange", "BKFACC": "olivedrab"}
+
+
 def method_style(name: str) -> dict[str, Any]:
     """Plot style of a `method_factories` label: one colour per family, dashed for bf16/fp16 factors."""
     if name in _BASELINE_STYLE:
         return dict(_BASELINE_STYLE[name], marker="s")
+    if name in _LOWRANK_COLOURS:
+        return {"color": _LOWRANK_COLOURS[name], "linestyle": "-.", "marker": "^"}
     low = name.endswith(("-bf16", "-fp16"))
     family = name.rsplit("-", 1)[0] if low else name
     families = ["KFAC", *[f"SINGD-{label}" for label in SINGD_STRUCTURES]]
@@ -375,6 +382,9 @@ SINGD_STRUCTURES: dict[str, Any] = {
 }
 
 
+#: Rank of the low-rank K-FAC family in `scaling` and `memory`.
+LOWRANK_RANK = 64
+
 #: K-FAC keeps the optimizer's default KL clip: without it, K-FAC (damping 1e-3) diverges to NaN within
 #: two iterations at every width here, and timing NaN arithmetic would say nothing.
 KFAC_CLIP = 1e-3
@@ -385,17 +395,40 @@ def _ours(method: sr.Method, clip: float | None = None) -> Callable[[nn.Module],
     return lambda model: sr.Optimizer(model, sr.Policy(default=method), lr=SGD_LR, momentum=MOMENTUM, clip=clip)
 
 
-def method_factories(dtypes: Sequence[torch.dtype | None] = (None,)) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
-    """Every method of `scaling` and `memory` by label: baselines, K-FAC, SINGD per structure and dtype.
+def lowrank_methods(rank: int = LOWRANK_RANK) -> dict[str, sr.KFAC]:
+    """The low-rank K-FAC family of `scaling` and `memory`: rank ``rank``, K-FAC's update periods.
+
+    Every member decomposes (or hands its Brand basis to the preconditioner)
+    every `UPDATE_EVERY` steps like `KFAC`, with statistics every step; B-R-KFAC
+    re-sketches and B-KFAC-c corrects every `UPDATE_EVERY` steps too.
+    """
+    common_fields = {"rank": rank, "inverse_every": UPDATE_EVERY}
+    return {
+        "RKFAC": sr.RKFAC(**common_fields),
+        "SREKFAC": sr.SREKFAC(**common_fields),
+        "NystromKFAC": sr.NystromKFAC(**common_fields),
+        "BKFAC": sr.BKFAC(**common_fields),
+        "BRKFAC": sr.BRKFAC(**common_fields, refresh_every=UPDATE_EVERY),
+        "BKFACC": sr.BKFACC(**common_fields, correct_every=UPDATE_EVERY),
+    }
+
+
+def method_factories(
+    dtypes: Sequence[torch.dtype | None] = (None,), *, rank: int = LOWRANK_RANK
+) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
+    """Every method of `scaling` and `memory` by label: baselines, the K-FAC family, SINGD per structure and dtype.
 
     ``dtypes`` are SINGD's factor dtypes (``None`` = the parameters' fp32);
     labels get a ``-bf16`` / ``-fp16`` suffix for the low-precision ones.
+    ``rank`` is the rank of the low-rank K-FAC family (`lowrank_methods`).
     """
     factories: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
         "AdamW": lambda model: torch.optim.AdamW(model.parameters(), lr=ADAMW_LR),
         "SGD": lambda model: torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=MOMENTUM),
         "KFAC": _ours(sr.KFAC(inverse_every=UPDATE_EVERY), clip=KFAC_CLIP),
     }
+    for label, method in lowrank_methods(rank).items():
+        factories[label] = _ours(method, clip=KFAC_CLIP)
     suffix = {None: "", torch.float32: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}
     for dtype in dtypes:
         for label, structure in SINGD_STRUCTURES.items():

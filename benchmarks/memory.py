@@ -1,13 +1,19 @@
 """Persistent optimizer-state bytes per method and dtype vs layer width d.
 
-Model: MLP d → d → d → 10 (ReLU). Every optimizer takes one step on a small
-random batch (so lazily created state exists), then its persistent state is
-counted: ``opt.state_bytes()`` for ours (update-rule buffers + curvature),
-the tensors in ``opt.state`` for torch's. SINGD runs with fp32 and with bf16
-factors. Reported: bytes, and the ratio to AdamW's state at the same d.
+Model: MLP d → d → d → 10 (ReLU). Every optimizer takes two steps on random
+batches of 64 (so lazily created state exists and has reached its steady
+size: B-KFAC's kept rank grows by the batch's rows per step until it reaches
+the rank, and with ``inverse_every > 1`` the basis the preconditioner took at
+the last decomposition is kept besides the one being updated), then its
+persistent state is counted:
+``opt.state_bytes()`` for ours (update-rule buffers + curvature, tensors that
+share storage counted once), the tensors in ``opt.state`` for torch's. SINGD
+runs with fp32 and with bf16 factors; the low-rank K-FAC family (R-KFAC,
+SRE-KFAC, Nyström, B-KFAC, B-R-KFAC, B-KFAC-c) with rank 64 and K-FAC's
+update periods. Reported: bytes, and the ratio to AdamW's state at the same d.
 Nothing is timed, so the numbers do not depend on the machine's load.
 
-    python benchmarks/memory.py [--widths 256 1024] [--methods SINGD-diagonal-bf16 ...]
+    python benchmarks/memory.py [--widths 256 1024] [--methods SINGD-diagonal-bf16 BKFAC ...]
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ NAME = "memory"
 WIDTHS = (256, 512, 1024, 2048, 4096)
 QUICK_WIDTHS = (32, 64)
 BASELINE = "AdamW"
-STEP_BATCH = 16
+#: Rows per step: at least the low-rank family's rank, so B-KFAC's first basis is already full.
+STEP_BATCH = 64
+#: Steps before counting: the second makes B-KFAC (inverse_every > 1) keep two bases, its steady state.
+STEPS = 2
 
 
 def parser() -> common.BenchParser:
@@ -37,15 +46,15 @@ def parser() -> common.BenchParser:
 
 
 def measure(d: int, names: list[str], builders: dict[str, Any], args: Any) -> dict[str, dict[str, int]]:
-    """State bytes (and their split for ours) of every method after one step at width ``d``."""
+    """State bytes (and their split for ours) of every method after `STEPS` steps at width ``d``."""
     torch.manual_seed(args.seed)
     base = common.mlp([d, d, d, common.NUM_CLASSES]).to(args.device)
-    batch = common.random_batches(1, d, args.device, batch_size=STEP_BATCH, seed=args.seed)
+    batches = common.random_batches(STEPS, d, args.device, batch_size=STEP_BATCH, seed=args.seed)
     rows: dict[str, dict[str, int]] = {}
     for name in names:
         model = copy.deepcopy(base)
         optimizer = builders[name](model)
-        common.Trainer(model, optimizer, batch)()
+        common.Trainer(model, optimizer, batches, iterations=STEPS)()
         row = {
             "state_bytes": state_bytes(optimizer),
             "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -96,7 +105,7 @@ def figure(summary: dict[str, Any]) -> Any:
         ax.set_xticks(widths, [str(d) for d in widths])
         ax.set_xlabel("layer width d (MLP d→d→d→10)")
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("Persistent optimizer state after one step (dashed: bf16 SINGD factors)")
+    fig.suptitle(f"Persistent optimizer state after {STEPS} steps (dashed: bf16 SINGD factors; dash-dot: low-rank K-FAC, rank {common.LOWRANK_RANK})")
     return fig
 
 
@@ -107,7 +116,7 @@ def report(summary: dict[str, Any]) -> None:
         [name, *map(common.format_bytes, row["state_bytes"]), *(common.fmt_ratio(r, 3) for r in row["ratio_to_adamw"])]
         for name, row in summary["methods"].items()
     ]
-    common.print_table(headers, rows, "persistent optimizer state after one step, and its ratio to AdamW's")
+    common.print_table(headers, rows, f"persistent optimizer state after {STEPS} steps, and its ratio to AdamW's")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,11 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     widths = sorted(args.widths or (QUICK_WIDTHS if args.quick else WIDTHS))
     config = {
         "model": "MLP d→d→d→10, ReLU", "widths": widths, "methods": names, "step_batch_size": STEP_BATCH,
-        "update_every": common.UPDATE_EVERY, "clip": {"SINGD": None, "KFAC": common.KFAC_CLIP}, "counted": "sr.Optimizer.state_bytes() / tensors in opt.state",
+        "steps": STEPS, "update_every": common.UPDATE_EVERY, "lowrank_rank": common.LOWRANK_RANK,
+        "clip": {"SINGD": None, "KFAC family": common.KFAC_CLIP},
+        "counted": "sr.Optimizer.state_bytes() / tensors in opt.state",
     }
     return common.run_over_widths(
         NAME, args, config, widths, lambda d: measure(d, names, builders, args), summarize, report, figure,
-        doing=f"{len(names)} optimizers, one step each",
+        doing=f"{len(names)} optimizers, {STEPS} steps each",
     )
 
 

@@ -3,8 +3,8 @@
 Every rank runs the same model on its shard of the batch (``DistributedDataParallel``
 or a bare model whose gradients the user averages). The optimizer then makes
 every rank take the step one process would take on the concatenated global
-batch, while each layer's expensive work runs on one rank only (KAISA's
-COMM-OPT, ``grad_worker_fraction=1``). Per step:
+batch, while each layer's expensive work runs on one rank only. Per step
+(KAISA's COMM-OPT, ``grad_worker_fraction=1``):
 
 1. **agree** (one small all-gather, in the step's single host sync): each rank
    sends ``[found_inf, rows and samples per layer]``. A non-finite gradient on
@@ -30,6 +30,17 @@ COMM-OPT, ``grad_worker_fraction=1``). Per step:
 5. **precondition**: every rank applies every layer's preconditioner to the
    (identical, already averaged) gradients, so every rank ends the step with
    identical parameters and complete optimizer state (rank 0 can save it).
+
+MEM-OPT (``grad_worker_fraction = 1/world``): a layer whose curvature allows it
+(`Curvature.memory_split`: the K-FAC family, whose statistics do not depend on
+its preconditioner) keeps its decompositions on its owner only. In step 4 the
+owner sends only the plain numbers of `Curvature.shared_state` (counters, ranks,
+flags: what keeps every rank's bookkeeping, and so its collectives, in step);
+in step 5 the owner applies the layer's preconditioner and broadcasts the
+preconditioned gradient (one ``broadcast`` per owner and dtype, every step),
+and every rank writes what it received. SINGD layers need ``K`` and ``C`` on
+every rank for their statistics (``Π(Kᵀ aᵀa K)``), so they stay COMM-OPT.
+Checkpoints are per rank then (each holds the decompositions it owns).
 
 Not distributed (one process, or ``process_group=False``): none of this runs —
 no collectives and no extra host syncs.
@@ -278,14 +289,20 @@ def check_plan(group: Any, lines: list[str], device: torch.device) -> None:
 # -- the driver ------------------------------------------------------------------------------------------
 
 
-def check_grad_worker_fraction(value: Any) -> None:
-    """``grad_worker_fraction`` must be in (0, 1]; only 1 (COMM-OPT) is implemented so far."""
+def check_grad_worker_fraction(value: Any, world: int = 1) -> None:
+    """``grad_worker_fraction`` must be in (0, 1]; implemented: 1 (COMM-OPT) and ``1/world`` (MEM-OPT).
+
+    ``world`` is the group's size (1 in one process, where only 1 is valid).
+    HYBRID (between the two: groups of ranks sharing a layer) is not implemented.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ValueError(f"grad_worker_fraction must be a number in (0, 1] (got {value!r})")
-    if value != 1:
+    if value != 1 and not math.isclose(value, 1 / world, rel_tol=1e-9):
         raise ValueError(
-            f"grad_worker_fraction={value}: only 1 (COMM-OPT: every rank keeps every layer's "
-            "preconditioner, owners broadcast decompositions) is implemented"
+            f"grad_worker_fraction={value}: implemented are 1 (COMM-OPT: every rank keeps every layer's "
+            f"preconditioner, owners broadcast decompositions) and 1/world = 1/{world} (MEM-OPT: owners keep "
+            "their layers' decompositions and broadcast preconditioned gradients); HYBRID values between "
+            "them are not"
         )
 
 
@@ -301,25 +318,30 @@ class Distributed:
         world: the group's size.
         owners: rank that computes each layer's decompositions / updates.
         loads: the `Curvature.cost` total assigned to each rank.
+        memory_split: whether this is MEM-OPT (``grad_worker_fraction = 1/world``).
+        split_layers: the layers whose preconditioner lives on their owner
+            only (MEM-OPT; empty under COMM-OPT).
         bytes: payload bytes this rank contributed in the last step, by
             collective (``flags``, ``all_reduce``, ``all_gather``, ``metadata``,
-            ``broadcast``; a ring all-reduce moves about twice its payload).
+            ``broadcast``, and under MEM-OPT ``gradients``; a ring all-reduce
+            moves about twice its payload).
         total_bytes: the same, summed over every step so far.
         communicated_steps: steps counted in ``total_bytes`` (skipped ones included).
     """
 
     def __init__(self, pre: "Preconditioner", group: Any, grad_worker_fraction: float = 1.0) -> None:
-        check_grad_worker_fraction(grad_worker_fraction)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.grad_worker_fraction = float(grad_worker_fraction)
         backend = dist.get_backend(group)
         if backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
-        check_plan(group, plan_lines(pre, self.grad_worker_fraction), self.device)  # first: the same on every rank
+        check_plan(group, plan_lines(pre, grad_worker_fraction), self.device)  # first: the same on every rank
+        check_grad_worker_fraction(grad_worker_fraction, self.world)  # then the same verdict on every rank
+        self.grad_worker_fraction = float(grad_worker_fraction)
+        self.memory_split = self.grad_worker_fraction < 1
         unsupported = [f"{name} ({type(m.curvature).__name__})" for name, m in pre.layers.items()
                        if not m.curvature.distributed_support]
         if unsupported:
@@ -327,6 +349,9 @@ class Distributed:
         costs = {name: type(m.curvature).cost(m.method, m.curvature.dims) for name, m in pre.layers.items()}
         self.costs = costs
         self.owners, self.loads = assign_lpt(costs, self.world)
+        self.split_layers: frozenset[str] = frozenset(
+            name for name, m in pre.layers.items() if self.memory_split and type(m.curvature).memory_split
+        )
         self.bytes: dict[str, int] = {}
         self.total_bytes: dict[str, int] = defaultdict(int)
         self.communicated_steps = 0
@@ -340,10 +365,21 @@ class Distributed:
 
     def describe(self) -> str:
         mine = sum(1 for r in self.owners.values() if r == self.rank)
+        mode = "COMM-OPT"
+        if self.memory_split:
+            mode = f"MEM-OPT ({len(self.split_layers)} of {len(self.owners)} layers' preconditioners on their owner only)"
         return (
-            f"distributed: rank {self.rank} of {self.world} ({dist.get_backend(self.group)}), COMM-OPT; "
+            f"distributed: rank {self.rank} of {self.world} ({dist.get_backend(self.group)}), {mode}; "
             f"owns {mine} of {len(self.owners)} layers; assignment max/mean cost = {self.balance:.3f}"
         )
+
+    def owns(self, name: str) -> bool:
+        """Whether this rank does layer ``name``'s assignable work."""
+        return self.owners[name] == self.rank
+
+    def holds_preconditioner(self, name: str) -> bool:
+        """Whether this rank keeps layer ``name``'s decompositions (always, except MEM-OPT non-owners)."""
+        return name not in self.split_layers or self.owns(name)
 
     # -- step 1: agree ---------------------------------------------------------------------------------
     def agree(self, found: Tensor, pre: "Preconditioner") -> bool:
@@ -408,13 +444,61 @@ class Distributed:
         if changed:
             self._share(pre, changed, errors)
 
+        directions = self._exchange_directions(pre) if self.split_layers else {}
         for kind, count in self.bytes.items():
             if kind != "flags":
                 self.total_bytes[kind] += count
         inner: dict[str, Tensor] = {}
-        for m in pre.layers.values():
-            pre.precondition_layer(m, inner_products, inner)
+        for name, m in pre.layers.items():
+            pre.precondition_layer(m, inner_products, inner, direction=directions.get(name))
         return inner
+
+    def _exchange_directions(self, pre: "Preconditioner") -> dict[str, Tensor]:
+        """MEM-OPT: owners precondition their split layers and broadcast the results.
+
+        Every rank knows which split layers have a gradient and a ready
+        preconditioner (the counters travel in the shared numbers), their
+        shapes and dtypes, so the buffers need no metadata. Owners use the
+        buffer they sent, like everybody else, so that the inner products of
+        the clip agree bit for bit.
+        """
+        sizes: dict[int, dict[torch.dtype, list[tuple[str, tuple[int, int]]]]] = defaultdict(lambda: defaultdict(list))
+        grads: dict[str, Tensor] = {}
+        for name in pre.layers:
+            m = pre.layers[name]
+            if name not in self.split_layers or not m.curvature.ready:
+                continue
+            grad = m.layer.grad_matrix()
+            if grad is None:
+                continue
+            grads[name] = grad
+            shape = (m.curvature.dims.d_g, m.curvature.dims.d_a)
+            sizes[self.owners[name]][_wire_dtype(m.curvature.dtype)].append((name, shape))
+        pending = []
+        self.bytes["gradients"] = 0
+        for src in range(self.world):
+            for wire_dtype in sorted(sizes[src], key=str):
+                entries = sizes[src][wire_dtype]
+                if src == self.rank:
+                    parts = [pre.layers[name].curvature.precondition(grads[name]).to(wire_dtype).reshape(-1)
+                             for name, _ in entries]
+                    buffer = torch.cat(parts).to(self.device)
+                    self.bytes["gradients"] += buffer.numel() * buffer.element_size()
+                else:
+                    count = sum(math.prod(shape) for _, shape in entries)
+                    buffer = torch.empty(count, dtype=wire_dtype, device=self.device)
+                work = dist.broadcast(buffer, dist.get_global_rank(self.group, src), group=self.group, async_op=True)
+                pending.append((work, entries, buffer))
+        directions: dict[str, Tensor] = {}
+        for work, entries, buffer in pending:
+            work.wait()
+            offset = 0
+            for name, shape in entries:
+                n = math.prod(shape)
+                curvature = pre.layers[name].curvature
+                directions[name] = _unwire(buffer[offset : offset + n], curvature.dtype).view(shape).to(grads[name].device)
+                offset += n
+        return directions
 
     def _share(self, pre: "Preconditioner", changed: list[str], errors: dict[str, tuple[str, str]]) -> None:
         """Owners send the state their assigned work produced; everybody else loads it."""
@@ -427,6 +511,8 @@ class Distributed:
             state = pre.layers[name].curvature.shared_state()
             numbers[name] = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
             specs[name] = []
+            if name in self.split_layers:  # MEM-OPT: the tensors stay with the owner, only the numbers travel
+                continue
             for key, value in state.items():
                 if isinstance(value, Tensor):
                     wire = _wire(value)
@@ -464,10 +550,13 @@ class Distributed:
         # Owners load their own state back from what they sent, as the others do: every rank
         # then holds the same values in the same (contiguous) layout, so later products agree
         # bit for bit (eigh returns column-major vectors; a copy would be row-major).
+        # MEM-OPT's split layers: the owner keeps its state; the others load the numbers.
         for src in range(self.world):
             src_numbers, src_specs, _ = meta[src]
             offsets: dict[torch.dtype, int] = defaultdict(int)
             for name, layer_specs in src_specs.items():
+                if name in self.split_layers and src == self.rank:
+                    continue
                 state = dict(src_numbers[name])
                 for key, shape, dtype_text, device in layer_specs:
                     dtype = _dtype(dtype_text)

@@ -62,7 +62,8 @@ class Optimizer(torch.optim.Optimizer):
             ``torch.distributed``; ``False`` turns it off; ``True`` or a
             ``ProcessGroup`` picks the group. See `Preconditioner` and
             ``docs/distributed.md``.
-        grad_worker_fraction: see `Preconditioner` (only ``1``, COMM-OPT).
+        grad_worker_fraction: see `Preconditioner` (``1``, COMM-OPT, or
+            ``1/world``, MEM-OPT).
 
     AMP: ``scaler.step(opt)`` hands the optimizer ``grad_scale`` and
     ``found_inf`` (``_step_supports_amp_scaling``); the optimizer unscales the

@@ -56,9 +56,12 @@ class Preconditioner:
             a ``ProcessGroup``. Statistics are averaged over the group, each
             layer's decompositions / SINGD updates run on one rank and are
             broadcast, and every rank ends each step with identical parameters.
-        grad_worker_fraction: KAISA's trade-off of memory for communication;
-            ``1`` (COMM-OPT: every rank keeps every preconditioner) is
-            implemented.
+        grad_worker_fraction: KAISA's trade-off of memory for communication:
+            ``1`` (COMM-OPT: every rank keeps every preconditioner; owners
+            broadcast decompositions when they refresh them) or ``1/world``
+            (MEM-OPT: each K-FAC-family layer's decompositions stay on its
+            owner, which broadcasts the preconditioned gradient every step;
+            checkpoints are then per rank). Other values raise ``ValueError``.
 
     Call `step` after ``backward()`` and before the optimizer's step. The
     gradients may still be scaled (preconditioning is linear; the scaler's
@@ -87,8 +90,9 @@ class Preconditioner:
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None (got {type(grad_scaler).__name__})")
         # distributed: hooks and layer names belong to the module inside a DDP wrapper
         wrapper, model = model, distributed.unwrap(model)
-        distributed.check_grad_worker_fraction(grad_worker_fraction)
         group = distributed.resolve_group(wrapper, process_group)
+        if group is None:  # one process: only 1 (in a group, the driver checks it after the plan check)
+            distributed.check_grad_worker_fraction(grad_worker_fraction, world=1)
         self.model = model
         self.policy = Policy() if policy is None else policy
         self.grad_scaler = grad_scaler
@@ -208,15 +212,22 @@ class Preconditioner:
         m.capture.g_prescale = None if loss_scale is None else loss_scale.double().reciprocal().float()
         return counts
 
-    def precondition_layer(self, m: ManagedLayer, inner_products: bool, inner: dict[str, Tensor]) -> None:
-        """Overwrite a layer's gradient with the preconditioned one (and note ``⟨V, ∇⟩``)."""
+    def precondition_layer(
+        self, m: ManagedLayer, inner_products: bool, inner: dict[str, Tensor], direction: Tensor | None = None
+    ) -> None:
+        """Overwrite a layer's gradient with the preconditioned one (and note ``⟨V, ∇⟩``).
+
+        ``direction``: the preconditioned gradient computed elsewhere (MEM-OPT:
+        by the layer's owner), used instead of applying the curvature here.
+        """
         grad = m.layer.grad_matrix()
         if grad is None:
             return
         if not m.curvature.ready:
             self._warn_no_statistics(m)
             return
-        direction = m.curvature.precondition(grad)
+        if direction is None:
+            direction = m.curvature.precondition(grad)
         if inner_products:
             work = torch.promote_types(direction.dtype, torch.float32)
             inner[m.name] = torch.vdot(direction.reshape(-1).to(work), grad.reshape(-1).to(work))
@@ -242,17 +253,33 @@ class Preconditioner:
 
     # -- state --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: step counter and each layer's curvature state."""
-        return {
+        """Everything needed to resume: step counter and each layer's curvature state.
+
+        Under MEM-OPT (``grad_worker_fraction = 1/world``) a rank holds the
+        decompositions of the layers it owns only: each rank saves its own
+        state (``"without_preconditioner"`` lists the layers it lacks) and
+        loads it back.
+        """
+        state: dict[str, Any] = {
             "steps": self.steps,
             "layers": {
                 name: {"method": m.method.summary(), "curvature": m.curvature.state_dict()}
                 for name, m in self.layers.items()
             },
         }
+        if self.distributed is not None and self.distributed.memory_split:
+            driver = self.distributed
+            state["without_preconditioner"] = [name for name in self.layers if not driver.holds_preconditioner(name)]
+            state["saved_by"] = {"rank": driver.rank, "world": driver.world}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict` output; layers and methods must match."""
+        """Restore `state_dict` output; layers and methods must match.
+
+        A MEM-OPT state (saved per rank) loads only where it holds every
+        decomposition this preconditioner needs: on the rank that saved it,
+        with the same world size and policy.
+        """
         saved = state["layers"]
         if set(saved) != set(self.layers):
             missing, extra = sorted(set(self.layers) - set(saved)), sorted(set(saved) - set(self.layers))
@@ -265,8 +292,21 @@ class Preconditioner:
                     f"layer {name!r}: checkpoint was made with {saved[name]['method']}, "
                     f"this preconditioner uses {m.method.summary()}"
                 )
+        lacking = set(state.get("without_preconditioner", ()))
+        needed = [name for name in self.layers if self.distributed is None or self.distributed.holds_preconditioner(name)]
+        missing = [name for name in needed if name in lacking]
+        if missing:
+            by = state.get("saved_by", {})
+            raise ValueError(
+                f"checkpoint was saved by rank {by.get('rank', '?')} of {by.get('world', '?')} under MEM-OPT "
+                f"(grad_worker_fraction = 1/world) and lacks the preconditioners of layers {missing}, which this "
+                "process needs: under MEM-OPT every rank saves its own state and loads it back "
+                "(same world size and policy)"
+            )
         for name, m in self.layers.items():
             m.curvature.load_state_dict(saved[name]["curvature"])
+            if name not in needed:  # MEM-OPT, a layer another rank owns: keep no decomposition of it
+                m.curvature.release()
         self.steps = int(state["steps"])
         self._schedule_capture()
 

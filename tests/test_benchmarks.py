@@ -42,15 +42,36 @@ def test_scaling_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     payload = _results(tmp_path, "scaling")
     assert payload["summary"]["widths"] == [32, 64] == payload["config"]["widths"]
     methods = payload["config"]["methods"]
-    assert {"AdamW", "SGD", "KFAC", "SINGD-diagonal", "SINGD-toeplitz"} <= set(methods)
+    lowrank = {"RKFAC", "SREKFAC", "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC"}
+    assert {"AdamW", "SGD", "KFAC", "SINGD-diagonal", "SINGD-toeplitz", *lowrank} <= set(methods)
     for d in ("32", "64"):
         for name in methods:
             times = payload["raw"][d]["seconds_per_iteration"][name]
             assert len(times) == payload["config"]["repeats"] and _positive_times(times)
             assert payload["raw"][d]["finite"][name]
     assert payload["summary"]["methods"]["AdamW"]["ratio_to_adamw"] == [1.0, 1.0]
+    for name in ("KFAC", *lowrank):  # ours also report the time inside curvature.update / precondition
+        row = payload["summary"]["methods"][name]
+        assert len(row["update_seconds_per_iteration"]) == 2 and len(row["apply_seconds_per_iteration"]) == 2
+        for d in ("32", "64"):
+            assert _positive_times(payload["raw"][d]["phase_seconds_per_iteration"][name]["update"])
+    assert set(payload["summary"]["targets"]) == {"BKFAC", "RKFAC", "SREKFAC"}
     assert returned["raw"].keys() == payload["raw"].keys()
     assert "slope" in capsys.readouterr().out
+
+
+def test_scaling_reduced_widths(tmp_path: Path) -> None:
+    argv = ["--threads", "1", "--widths", "32", "--reduced-widths", "48", "--methods", "KFAC", "SINGD-diagonal",
+            "--reduced-methods", "BKFAC", "--repeats", "1", "--reduced-repeats", "1", "--iters", "2",
+            "--rank", "4", "--out", str(tmp_path)]
+    cli.load_benchmark("scaling").main(argv)
+    payload = _results(tmp_path, "scaling")
+    assert payload["config"]["widths"] == [32, 48]
+    assert payload["config"]["reduced_widths"] == {"48": {"methods": ["AdamW", "SGD", "BKFAC"], "repeats": 1}}
+    assert set(payload["raw"]["48"]["seconds_per_iteration"]) == {"AdamW", "SGD", "BKFAC"}
+    methods = payload["summary"]["methods"]
+    assert methods["KFAC"]["widths_timed"] == [32] and methods["KFAC"]["seconds_per_iteration"][1] is None
+    assert methods["BKFAC"]["widths_timed"] == [48]
 
 
 def test_memory_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,6 +87,39 @@ def test_memory_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixt
         assert raw[d]["AdamW"]["state_bytes"] >= 2 * sgd["state_bytes"]  # two moments (+ step counters)
         assert raw[d]["SINGD-dense-bf16"]["curvature_bytes"] < raw[d]["SINGD-dense"]["curvature_bytes"]
     assert "×AdamW" in capsys.readouterr().out
+
+
+def test_lowrank_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "lowrank", *QUICK, "--out", str(tmp_path)]) == 0
+    payload = _results(tmp_path, "lowrank")
+    config, raw, summary = payload["config"], payload["raw"], payload["summary"]
+    widths = [str(w) for w in config["spectrum_widths"]]
+    assert str(config["width"]) in widths and set(raw["spectra"]) == set(widths)
+    for run in raw["spectra"].values():
+        assert set(run["factors"]) == {"fc1.A", "fc1.G", "fc2.A", "fc2.G", "head.A", "head.G"}
+        for spectrum in run["factors"].values():
+            values = spectrum["normalised"]
+            assert len(values) == spectrum["dim"] and values[0] == 1.0
+            assert all(0.0 <= b <= a for a, b in zip(values, values[1:]))  # descending, normalised by s1
+            assert spectrum["count_above_0.001"] >= spectrum["count_above_0.01"] >= 1
+    expected = {"eigh-top-r", "brand", "brand-refresh", "brand-correct", *(f"{k}-q{q}" for k in ("rsvd", "sre", "nystrom") for q in (0, 2))}
+    for factor, record in raw["errors"].items():
+        assert record["ranks"] == [r for r in config["ranks"] if r < record["dim"]]
+        assert set(record["errors"]) == expected
+        for by_complement in record["errors"].values():
+            assert set(by_complement) == {"min", "zero"}
+            for by_x in by_complement.values():
+                assert set(by_x) == {"random", "gradient"}
+                for errors in by_x.values():
+                    assert len(errors) == len(record["ranks"])
+                    assert all(e is None or (math.isfinite(e) and e >= 0) for e in errors)
+        if record.get("replay_rel_diff") is not None:  # the replayed rows rebuild the optimizer's factor
+            assert record["replay_rel_diff"] < 1e-4, factor
+    # exact top-r eigenpairs with complement "min" never err by more than the exact result (DESIGN §3.2)
+    for record in raw["errors"].values():
+        assert all(e < 1.0 for e in record["errors"]["eigh-top-r"]["min"]["gradient"])
+    assert set(summary["spectrum_counts"]) == set(raw["spectra"]["32"]["factors"])
+    assert "eigenvalues above" in capsys.readouterr().out
 
 
 def test_anchors_quick(tmp_path: Path) -> None:
@@ -85,11 +139,68 @@ def test_anchors_quick(tmp_path: Path) -> None:
     assert {row["T"] for row in written["summary"]["rows"]} == {1, 10}
 
 
+def test_precision_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "precision", *QUICK, "--out", str(tmp_path)]) == 0
+    payload = _results(tmp_path, "precision")
+    steps = payload["config"]["steps"]
+    runs = payload["raw"]["mlp"]
+    assert {"AdamW", "KFAC", "SINGD-diagonal", "SINGD-dense", "KFAC-lowprec", "KFAC-lowprec-NS"} <= runs.keys()
+    assert {"fp32", "bf16", "fp16", "fp32-reorder"} <= runs["KFAC"].keys()
+    assert "bf16-fp32state" in runs["SINGD-diagonal"] and "fp32" not in runs["KFAC-lowprec"]
+    expected_state = {"bf16": ["bfloat16"], "fp16": ["float16"], "fp32": ["float32"], "bf16-fp32state": ["float32"]}
+    for name, per_regime in runs.items():
+        for regime, run in per_regime.items():
+            if run.get("unsupported"):  # fp16 autocast missing on this device
+                assert regime == "fp16" and run["losses"] == []
+                continue
+            assert len(run["losses"]) == steps and run["error"] is None, (name, regime)
+            assert isinstance(run["skipped_steps"], int) and isinstance(run["nonfinite_losses"], int)
+            assert 0.0 <= run["test_accuracy"] <= 1.0
+            if name.startswith(("SINGD", "KFAC-lowprec")) and regime in expected_state:
+                assert run["state_dtypes"] == expected_state[regime], (name, regime)
+            elif name != "AdamW":
+                assert run["state_dtypes"] == ["float32"], (name, regime)  # K-FAC factors fp32 in every regime
+    rows = payload["summary"]["rows"]
+    assert all(r["ratio_to_fp32"] == 1.0 for r in rows if r["regime"] == "fp32" and r["ratio_to_fp32"] is not None)
+    assert {r["method"] for r in rows} == set(runs)
+    assert payload["summary"]["target"]["runs"] == 3  # bf16 SINGD: diagonal, dense, block
+    assert "× fp32" in capsys.readouterr().out
+
+
+def test_distributed_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with the gloo backend")
+    assert cli.main(["bench", "distributed", *QUICK, "--out", str(tmp_path)]) == 0
+    payload = _results(tmp_path, "distributed")
+    config, summary = payload["config"], payload["summary"]
+    assert config["worlds"] == summary["worlds"] == [1, 2] and config["threads_per_process"] == 1
+    ours = {"KFAC", "KFAC-MEM-OPT", "BKFAC", "SINGD-diagonal", "SINGD-dense"}
+    assert set(summary["methods"]) == {"AdamW", "SGD", *ours}
+    for name, row in summary["methods"].items():
+        assert _positive_times(row["seconds_per_step"]) and _positive_times(row["optimizer_step_seconds"])
+        assert row["finite"] == [True, True]
+        assert row["bytes_per_step_per_rank"][0] == 0 < row["bytes_per_step_per_rank"][1]  # 1 process sends nothing
+        assert row["max_abs_diff_across_ranks"][1] == 0.0  # identical replicas
+        assert row["max_abs_diff_vs_one_process"][1] < 1e-10  # float64: the one-process run
+        if name in ours:  # statistics and results on top of DDP's gradients; counted twice, the same
+            assert row["bytes_per_step_per_rank"][1] > summary["methods"]["AdamW"]["bytes_per_step_per_rank"][1]
+            assert row["driver_bytes_match"][1] is True and row["balance"][1] >= 1.0
+            assert set(row["owners"][1].values()) == {0, 1}
+    assert summary["methods"]["KFAC-MEM-OPT"]["bytes_by_kind_per_rank"][1]["gradients"] > 0  # owners broadcast them
+    assert "gradients" not in summary["methods"]["KFAC"]["bytes_by_kind_per_rank"][1]
+    assert "bytes/step/rank" in capsys.readouterr().out
+    assert cli.main(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "distributed" in listed and "_distributed_ranks" not in listed  # the ranks' helper module
+
+
 # -- the bench subcommand ------------------------------------------------------------------------------
 def test_bench_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("scaling", "memory", "anchors"):
+    for name in ("scaling", "memory", "anchors", "lowrank"):
         assert name in out
     assert "common" not in out
 

@@ -91,8 +91,8 @@ def _step(model: nn.Module, opt: sr.Optimizer, x: torch.Tensor, y: torch.Tensor,
         opt.step()
 
 
-def _reference(policy: sr.Policy, data, poison_step: int = -1) -> list[torch.Tensor]:
-    """One process on the whole batch: parameters after every step."""
+def _reference(policy: sr.Policy, data, poison_step: int = -1, memory: dict | None = None) -> list[torch.Tensor]:
+    """One process on the whole batch: parameters after every step (``memory`` gets its curvature bytes)."""
     model = _net()
     opt = sr.Optimizer(model, policy, lr=0.1, momentum=0.9, process_group=False)
     assert opt.preconditioner.distributed is None
@@ -100,6 +100,8 @@ def _reference(policy: sr.Policy, data, poison_step: int = -1) -> list[torch.Ten
     for i, (x, y) in enumerate(data):
         _step(model, opt, x, y, 0, 1, poison=i == poison_step)
         out.append(_params(model))
+    if memory is not None:
+        memory.update(opt.memory_bytes())
     return out
 
 
@@ -244,6 +246,11 @@ def _mismatch(rank: int, world: int, out: Path) -> dict:
     # the model differs on the last rank (a bare model: DDP would refuse it first)
     with pytest.raises(ValueError, match=r"differs across ranks.*rank 0 has '\(nothing\)' where rank 1 has '6: Linear"):
         sr.Optimizer(_net(extra=rank == world - 1), sr.Policy())
+    # grad_worker_fraction differs across ranks, or is a HYBRID value: the same clear error everywhere
+    with pytest.raises(ValueError, match=r"differs across ranks.*'grad_worker_fraction=1' where rank 1 has"):
+        sr.Optimizer(_net(), sr.Policy(), grad_worker_fraction=1 if rank == 0 else 1 / world)
+    with pytest.raises(ValueError, match="HYBRID"):
+        sr.Optimizer(_net(), sr.Policy(), grad_worker_fraction=0.75)
     # the group still works: everything above failed cleanly on every rank
     model, opt = _ddp(sr.Policy())
     _step(model, opt, *_data(1)[0], rank, world)
@@ -275,9 +282,92 @@ def _checkpoint(rank: int, world: int, out: Path) -> dict:
     return {}
 
 
+def _memopt(rank: int, world: int, out: Path) -> dict:
+    """MEM-OPT (grad_worker_fraction = 1/world): the one-process run, decompositions on their owners only."""
+    data = _data()
+    report: dict = {}
+    for label, method in METHODS.items():
+        policy = sr.Policy(default=method)
+        full: dict = {}
+        expected = _reference(policy, data, memory=full)
+        model = DistributedDataParallel(_net())
+        opt = sr.Optimizer(model, policy, lr=0.1, momentum=0.9, grad_worker_fraction=1 / world)
+        driver = opt.preconditioner.distributed
+        assert driver.memory_split and "MEM-OPT" in driver.describe()
+        singd = label.startswith("singd")  # its statistics need K and C everywhere: it stays COMM-OPT
+        assert driver.split_layers == (set() if singd else set(opt.preconditioner.layers))
+        for i, (x, y) in enumerate(data):
+            _step(model, opt, x, y, rank, world)
+            params = _params(model)
+            _same_on_every_rank(params)
+            torch.testing.assert_close(params, expected[i], **TOLERANCE, msg=lambda m: f"{label} step {i}: {m}")
+        memory: list = [None] * world
+        dist.all_gather_object(memory, opt.memory_bytes())
+        for name, owner in driver.owners.items():
+            assert memory[owner][name] == full[name], (label, name)  # the owner holds what one process holds
+            for other in range(world):
+                if other != owner:  # the others: no decomposition (SINGD: everything, as under COMM-OPT)
+                    assert (memory[other][name] == full[name]) if singd else (memory[other][name] < full[name]), \
+                        (label, name, other, memory[other][name], full[name])
+        report[label] = {
+            "bytes_per_step": {k: v / driver.communicated_steps for k, v in driver.total_bytes.items()},
+            "memory_bytes_by_rank": memory, "one_process_memory_bytes": full, "owners": driver.owners,
+        }
+    # a bare model (the user averages): the same
+    policy = sr.Policy(default=METHODS["kfac"])
+    expected = _reference(policy, data)
+    model = _net()
+    opt = sr.Optimizer(model, policy, lr=0.1, momentum=0.9, grad_worker_fraction=1 / world)
+    for i, (x, y) in enumerate(data):
+        _step(model, opt, x, y, rank, world, average=True)
+        torch.testing.assert_close(_params(model), expected[i], **TOLERANCE)
+    return report
+
+
+def _memopt_checkpoint(rank: int, world: int, out: Path) -> dict:
+    """MEM-OPT checkpoints are per rank: each rank resumes exactly from its own file, not from another's."""
+    policy = sr.Policy(
+        default=sr.KFAC(inverse_every=2),
+        rules=[("0", sr.RKFAC(rank=5, oversample=2, inverse_every=2)), ("2", sr.BRKFAC(rank=3, oversample=2, refresh_every=2)),
+               ("4", sr.SINGD(structure="diagonal", update_every=1))],
+    )
+    data = _data()
+
+    def build(seed: int = 0) -> tuple[nn.Module, sr.Optimizer]:
+        model = DistributedDataParallel(_net(seed))
+        return model, sr.Optimizer(model, policy, lr=0.1, momentum=0.9, grad_worker_fraction=1 / world)
+
+    model, opt = build()
+    for i, (x, y) in enumerate(data):
+        if i == 3:
+            torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, out / f"checkpoint{rank}.pt")
+        _step(model, opt, x, y, rank, world)
+    final = _params(model)
+    dist.barrier()
+    resumed, opt2 = build(seed=7)
+    state = torch.load(out / f"checkpoint{rank}.pt", weights_only=True)
+    resumed.module.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    for x, y in data[3:]:
+        _step(resumed, opt2, x, y, rank, world)
+    assert torch.equal(_params(resumed), final), "resuming from this rank's checkpoint did not reproduce the run"
+    # another rank's file lacks this rank's decompositions: a clear error (local, no collective)
+    other = torch.load(out / f"checkpoint{(rank + 1) % world}.pt", weights_only=True)
+    _, opt3 = build()
+    owned = [name for name, owner in opt3.preconditioner.distributed.owners.items() if owner == rank and name != "4"]
+    if owned:
+        with pytest.raises(ValueError, match=r"saved by rank \d of \d under MEM-OPT .* lacks the preconditioners"):
+            opt3.load_state_dict(other["opt"])
+    # one process cannot resume from a MEM-OPT rank's file either
+    single = sr.Optimizer(_net(), policy, lr=0.1, momentum=0.9, process_group=False)
+    with pytest.raises(ValueError, match="MEM-OPT"):
+        single.load_state_dict(state["opt"])
+    return {}
+
+
 SCENARIOS = {
     "equivalence": _equivalence, "uneven": _uneven, "nonfinite": _nonfinite, "mismatch": _mismatch,
-    "checkpoint": _checkpoint,
+    "checkpoint": _checkpoint, "memopt": _memopt, "memopt_checkpoint": _memopt_checkpoint,
 }
 
 
@@ -319,6 +409,21 @@ def test_ddp_matches_one_process_on_the_global_batch(world, tmp_path):
     assert "Brand needs" not in report["bkfac"]["notes"]["0"]
     # work is spread: with 3 layers, 2 or 3 ranks own one
     assert len(set(report["kfac"]["owners"].values())) == min(world, 3)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mem_opt_matches_one_process_and_keeps_decompositions_on_owners(world, tmp_path):
+    report = _spawn("memopt", world, tmp_path)
+    assert set(report) == set(METHODS)
+    for label, entry in report.items():
+        print(f"{world} ranks, MEM-OPT {label}: bytes per step {entry['bytes_per_step']}, "
+              f"curvature bytes by rank {entry['memory_bytes_by_rank']} (one process {entry['one_process_memory_bytes']})")
+    assert report["kfac"]["bytes_per_step"]["gradients"] > 0  # owners broadcast preconditioned gradients
+    assert "gradients" not in report["singd-dense"]["bytes_per_step"]  # SINGD stays COMM-OPT
+
+
+def test_mem_opt_checkpoints_are_per_rank(tmp_path):
+    _spawn("memopt_checkpoint", 2, tmp_path)
 
 
 def test_unequal_shards_give_the_global_batch_statistics(tmp_path):
@@ -379,7 +484,7 @@ def test_one_process_is_untouched():
     with pytest.raises(ValueError, match="init_process_group"):
         sr.Optimizer(_net(), sr.Policy(), process_group=True)
     with pytest.raises(ValueError, match="grad_worker_fraction"):
-        sr.Optimizer(_net(), sr.Policy(), grad_worker_fraction=0.5)
+        sr.Optimizer(_net(), sr.Policy(), grad_worker_fraction=0.5)  # one process: only 1
     with pytest.raises(ValueError, match="grad_worker_fraction"):
         sr.Optimizer(_net(), sr.Policy(), grad_worker_fraction=0)
 

@@ -160,6 +160,13 @@ class Curvature(ABC):
     #: `shared_state`, `load_shared_state`).
     distributed_support: ClassVar[bool] = False
 
+    #: Whether MEM-OPT (``grad_worker_fraction = 1/world``) may keep this layer's
+    #: preconditioner on its owner only: its statistics must not depend on that
+    #: state, `shared_state`'s plain numbers must be all the other ranks need to
+    #: stay in step (`load_shared_state` then gets only those), and `precondition`
+    #: must return ``self.dtype``. `release` frees what the owner alone keeps.
+    memory_split: ClassVar[bool] = False
+
     def g_weight(self, local: BatchCounts, total: BatchCounts) -> float | Tensor:
         """Weight of one rank's staged G-side sums so that the sum over ranks, folded with ``total``, is exact.
 
@@ -202,5 +209,8 @@ class Curvature(ABC):
         """What the owner's `update_assigned` changed: tensors and plain numbers."""
         return {}
 
+    def release(self) -> None:
+        """Drop the preconditioner state a MEM-OPT non-owner does not keep (after loading a full checkpoint)."""
+
     def load_shared_state(self, state: dict[str, Any]) -> None:
-        """Take the owner's `shared_state` (non-owners, same step)."""
+        """Take the owner's `shared_state` (non-owners, same step; MEM-OPT: its plain numbers only)."""

@@ -206,26 +206,37 @@ class BrandFactor(Factor):
         return {**state, **super().decomposition_state(prefix)}
 
     def load_shared(self, state: dict[str, Any], prefix: str) -> None:
-        if f"{prefix}_brand_values" in state:
-            self.values = take(state, f"{prefix}_brand_values", self.values)
-            self.vectors = take(state, f"{prefix}_brand_vectors", self.vectors)
-            self.trace = take(state, f"{prefix}_trace", self.trace)
+        # MEM-OPT sends only the numbers: a non-owner keeps no eigenpairs, but the flags and the
+        # rank that decide `settle` (and so which collectives the statistics take) stay in step
+        if f"{prefix}_brand_initialized" in state:
             self.initialized = bool(state[f"{prefix}_brand_initialized"])
             self.rank = int(state[f"{prefix}_rank"])
             self.failed = bool(state[f"{prefix}_failed"])
+        tensors = f"{prefix}_brand_values" in state
+        if tensors:
+            self.values = take(state, f"{prefix}_brand_values", self.values)
+            self.vectors = take(state, f"{prefix}_brand_vectors", self.vectors)
+            self.trace = take(state, f"{prefix}_trace", self.trace)
         decomposed = state.get(f"{prefix}_decomposed")
         if decomposed is None:
             return
         self.last_periodic = float(state[f"{prefix}_last_periodic"])
-        if self.generator is not None:
+        if self.generator is not None and f"{prefix}_generator" in state:
             self.generator.set_state(state[f"{prefix}_generator"])
-        if decomposed == "live":
+        if decomposed == "live" and not tensors:
+            self.inverse = None
+        elif decomposed == "live":
             like = self.values
             complement = take(state, f"{prefix}_complement", like) if f"{prefix}_complement" in state else None
             damping = take(state, f"{prefix}_damping", like) if f"{prefix}_damping" in state else None
             self.inverse = Inverse(eigen=Eigen(self.values, self.vectors, complement), damping=damping)
         else:
             super().load_shared(state, prefix)
+
+    def release(self) -> None:
+        """Drop the eigenpairs and the inverse (a MEM-OPT non-owner keeps neither)."""
+        super().release()
+        self.values, self.vectors = self.values.new_zeros(0), self.vectors.new_zeros(self.dim, 0)
 
     # -- state ------------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, Any]:

@@ -131,9 +131,17 @@ class Factor:
         return {f"{prefix}_decomposed": 1, **Factor.state(self, prefix)}
 
     def load_shared(self, state: dict[str, Any], prefix: str) -> None:
-        """Take what the owner sent (`fold_state` / `decomposition_state` keys present in ``state``)."""
+        """Take what the owner sent (`fold_state` / `decomposition_state` keys present in ``state``).
+
+        Under MEM-OPT only the plain numbers arrive: a decomposition step then
+        leaves this (non-owning) factor without an inverse.
+        """
         if f"{prefix}_decomposed" in state:
             Factor.load(self, state, prefix)
+
+    def release(self) -> None:
+        """Drop the inverse representation (a MEM-OPT non-owner keeps none)."""
+        self.inverse = None
 
     # -- inverse --------------------------------------------------------------------
     def commit(self, inverse: Inverse) -> None:
@@ -290,7 +298,8 @@ class SketchedFactor(DenseFactor):
         super().load_shared(state, prefix)
         if f"{prefix}_decomposed" in state:
             self.rank = int(state[f"{prefix}_rank"])
-            self.generator.set_state(state[f"{prefix}_generator"])
+            if f"{prefix}_generator" in state:  # not under MEM-OPT: only the owner sketches
+                self.generator.set_state(state[f"{prefix}_generator"])
 
     def load(self, state: dict[str, Any], prefix: str) -> None:
         super().load(state, prefix)

@@ -148,6 +148,7 @@ class KFACCurvature(Curvature):
 
     # -- distributed (singd_rkfac.distributed) ---------------------------------------------
     distributed_support = True
+    memory_split = True  # statistics are plain grams / rows; counters and factor flags are numbers
 
     def exchange_statistics(
         self, exchange: Any, local: BatchCounts | None, total: BatchCounts, rows_per_rank: list[int]
@@ -170,6 +171,10 @@ class KFACCurvature(Curvature):
             if "decomposition" in self._changed:
                 state.update(factor.decomposition_state(PREFIXES[side]))
         return state
+
+    def release(self) -> None:
+        for factor in self.factors.values():
+            factor.release()
 
     def load_shared_state(self, state: dict[str, Any]) -> None:
         self.decompositions = int(state["decompositions"])
