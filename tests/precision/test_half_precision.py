@@ -98,6 +98,8 @@ BF16_PARAM_METHODS = {
     "kfac": sr.KFAC(inverse_every=5, damping=DAMPING),
     "bkfac": sr.BKFAC(rank=8, damping=DAMPING),
     "singd": sr.SINGD(update_every=2, lr_cov=0.05),
+    "singd-diagonal": sr.SINGD(structure="diagonal", update_every=2, lr_cov=0.05),
+    "singd-block": sr.SINGD(structure="block", block_size=4, update_every=2, lr_cov=0.05),
 }
 
 
@@ -115,7 +117,7 @@ def test_bf16_parameters_train_with_fp32_inverse_state_and_bf16_singd_state(name
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     assert final < 0.6 * initial, (initial, final)
     _assert_finite_state(opt)
-    if name == "singd":
+    if name.startswith("singd"):
         assert _floating_state_dtypes(opt, SINGDCurvature) == {torch.bfloat16}
     else:
         assert _floating_state_dtypes(opt, KFACCurvature) == {torch.float32}
