@@ -22,7 +22,9 @@ same rows (its equality with the optimizer's factor is checked and recorded);
 also with B-R-KFAC's periodic SRE refresh and B-KFAC-c's periodic partial
 correction from the dense EA (every 10 folds).
 
-Spectra (widths ``--spectrum-widths``, same steps, seed and batch order):
+Training runs on ``--device``; the error study and the spectra are fp64
+linear algebra on the CPU. Spectra (widths ``--spectrum-widths``, same
+steps, seed and batch order):
 normalised eigenvalues s_i/s_1 of every factor and the number of them above
 1e-2 and 1e-3 — the seed claim is fast, width-independent decay.
 
@@ -43,7 +45,7 @@ from torch import Tensor, nn
 
 import common
 import singd_rkfac as sr
-from singd_rkfac.data import load_digits
+from singd_rkfac.data import batch_order, load_digits
 from singd_rkfac.linalg import brand_update, corrected, damped_inverse_apply, sketch_eigen, top, with_complement
 
 NAME = "lowrank"
@@ -95,23 +97,13 @@ def digits_mlp(width: int) -> nn.Sequential:
     ))
 
 
-def batch_order(n: int, steps: int, batch: int, seed: int) -> list[Tensor]:
-    """Index tensors of ``steps`` minibatches of ``batch``: shuffled epochs, last partial batch dropped."""
-    generator = torch.Generator().manual_seed(seed)
-    batches: list[Tensor] = []
-    while len(batches) < steps:
-        order = torch.randperm(n, generator=generator)
-        batches.extend(order[i : i + batch] for i in range(0, n - batch + 1, batch))
-    return batches[:steps]
-
-
 def _record_folds(factor: Any, log: list[tuple[Tensor, float, float]]) -> None:
     """Wrap one dense factor's ``accumulate``/``fold`` (instance attributes) to log the rows it folds."""
     staged: list[Tensor] = []
     accumulate, fold = factor.accumulate, factor.fold
 
     def logged_accumulate(rows: Tensor) -> None:
-        staged.append(rows.detach().clone())
+        staged.append(rows.detach().to("cpu", copy=True))
         accumulate(rows)
 
     def logged_fold(scale: float, ema: float, *args: Any, **kwargs: Any) -> None:
@@ -145,7 +137,7 @@ def train_and_capture(width: int, steps: int, args: argparse.Namespace, *, recor
         loss = nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
         loss.backward()
         if index == len(batches) - 1:  # the raw gradients (the step overwrites .grad with directions)
-            gradients = {name: m.layer.grad_matrix().detach().clone() for name, m in layers.items()}
+            gradients = {name: m.layer.grad_matrix().detach().to("cpu", copy=True) for name, m in layers.items()}
         opt.step()
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
@@ -154,7 +146,7 @@ def train_and_capture(width: int, steps: int, args: argparse.Namespace, *, recor
     factors: dict[str, dict[str, Any]] = {}
     for name, managed in layers.items():
         curvature = managed.curvature
-        values = {side: curvature.factors[side].value.detach().clone() for side in SIDES}
+        values = {side: curvature.factors[side].value.detach().to("cpu", copy=True) for side in SIDES}
         # π-damping as the optimizer applies it (DESIGN §3.1)
         mean = {side: float(values[side].diagonal().mean()) for side in SIDES}
         pi = math.sqrt(mean["a"] / mean["g"])
@@ -432,8 +424,6 @@ def figure(raw: dict[str, Any], config: dict[str, Any], focus: str) -> Any:
 def main(argv: list[str] | None = None) -> dict:
     p = parser()
     args = common.parse_args(p, argv)
-    if args.device.type != "cpu":
-        p.error("lowrank runs on cpu only (the error study is fp64 linear algebra on small matrices)")
     width = args.width or (QUICK_WIDTH if args.quick else WIDTH)
     spectrum_widths = sorted(set(args.spectrum_widths or (QUICK_SPECTRUM_WIDTHS if args.quick else SPECTRUM_WIDTHS)) | {width})
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)

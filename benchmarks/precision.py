@@ -53,7 +53,7 @@ import common
 import singd_rkfac as sr
 from singd_rkfac.curvature import CURVATURE_CLASSES, KFACCurvature, register
 from singd_rkfac.curvature.factors import DenseFactor, Inverse
-from singd_rkfac.data import MODELS, load_digits
+from singd_rkfac.data import MODELS, batch_order, load_digits
 from singd_rkfac.linalg import Eigen
 
 NAME = "precision"
@@ -294,14 +294,6 @@ def regime_unsupported(regime: Regime, device: torch.device) -> str | None:
 
 
 # -- one run ----------------------------------------------------------------------------------------------
-def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[Tensor]:
-    """Index tensors of ``steps`` minibatches: shuffled epochs, each epoch's last partial batch dropped."""
-    generator = torch.Generator().manual_seed(seed)
-    batches: list[Tensor] = []
-    while len(batches) < steps:
-        order = torch.randperm(n, generator=generator)
-        batches.extend(order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
-    return batches[:steps]
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Digits", "load_digits", "digits_mlp", "digits_cnn", "MODELS"]
+__all__ = ["Digits", "load_digits", "digits_mlp", "digits_cnn", "MODELS", "batch_order"]
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
@@ -107,3 +107,13 @@ def digits_cnn() -> nn.Sequential:
 
 #: Built-in models by the name the CLI accepts.
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": digits_mlp, "cnn": digits_cnn}
+
+
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[Tensor]:
+    """Index tensors of ``steps`` minibatches: shuffled epochs, each epoch's last partial batch dropped."""
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[Tensor] = []
+    while len(batches) < steps:
+        order = torch.randperm(n, generator=generator)
+        batches.extend(order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
+    return batches[:steps]

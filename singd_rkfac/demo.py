@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import KFAC, SINGD, Optimizer, Policy, Skip
 from ._table import format_bytes, format_table
-from .data import Digits, digits_mlp, load_digits
+from .data import Digits, batch_order, digits_mlp, load_digits
 from .optimizer import state_bytes
 
 __all__ = ["run_demo"]
@@ -65,16 +65,6 @@ def contenders() -> list[Contender]:
             ),
         ),
     ]
-
-
-def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[Tensor]:
-    """Index tensors of ``steps`` minibatches: shuffled epochs, the last partial batch of each dropped."""
-    generator = torch.Generator().manual_seed(seed)
-    batches: list[Tensor] = []
-    while len(batches) < steps:
-        order = torch.randperm(n, generator=generator)
-        batches.extend(order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
-    return batches[:steps]
 
 
 class _Progress:

@@ -207,10 +207,10 @@ class DenseFactor(Factor):
             return
         batch = self.staged.mul_(scale)
         self.staged = None
-        finite = torch.isfinite(batch).all()
-        weight = self.initialized.to(batch.dtype) * ema  # in the factor's dtype: ρ exact in fp64
-        averaged = torch.lerp(batch, self.value, weight)
-        self.value = torch.where(finite, averaged, self.value)
+        finite = torch.isfinite(batch.sum())  # one reduction: inf/NaN anywhere reach the sum
+        keep = self.initialized.to(batch.dtype) * ema  # weight of the old value, in the factor's dtype
+        # in place: F ← F + (1−ρ)(batch − F); a non-finite batch is zeroed and gets weight 0 (F unchanged)
+        self.value.lerp_(batch.masked_fill_(~finite, 0.0), torch.where(finite, 1.0 - keep, 0.0))
         self.initialized = self.initialized | finite
 
     def mean_eigenvalue(self) -> Tensor:

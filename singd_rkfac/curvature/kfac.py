@@ -56,32 +56,40 @@ def make_factor(config: KFAC, dim: int, *, seed_text: str, device: torch.device,
 MODEL_ROWS = 128
 
 
-def factor_bytes(config: KFAC, dim: int, exact: bool) -> int:
-    """Elements of persistent state one factor of ``dim`` holds (DESIGN §3.6 memory column)."""
+def factor_bytes(config: KFAC, dim: int, exact: bool, inverse_every: int) -> int:
+    """Elements of persistent state one factor of ``dim`` holds (DESIGN §3.6 memory column).
+
+    ``inverse_every`` is the layer's (the outer method's) period: above 1 a
+    Brand factor keeps the previous basis for preconditioning too.
+    """
     if not isinstance(config, LowRankKFAC) or config.rank >= dim:
         return 2 * dim * dim + (dim if exact else 0)  # EA factor + inverse (or eigenvectors and values)
     kept = config.rank * (dim + 1)
     if config.representation in SKETCHES:
         return dim * dim + kept
-    snapshots = 2 if config.inverse_every > 1 else 1
+    snapshots = 2 if inverse_every > 1 else 1
     periodic = dim * dim if config.representation != "brand" else 0
     return snapshots * kept + periodic
 
 
-def factor_cost(config: KFAC, dim: int, other: int) -> float:
-    """Flops per step of one factor (statistics, decomposition, its half of the application)."""
+def factor_cost(config: KFAC, dim: int, other: int, periods: KFAC) -> float:
+    """Flops per step of one factor (statistics, decomposition, its half of the application).
+
+    ``config`` is the factor's representation; ``periods`` the layer's method,
+    whose ``stats_every`` / ``inverse_every`` schedule it.
+    """
     if not isinstance(config, LowRankKFAC) or config.rank >= dim:
-        return MODEL_ROWS * dim**2 / config.stats_every + 10.0 * dim**3 / config.inverse_every + dim**2 * other
+        return MODEL_ROWS * dim**2 / periods.stats_every + 10.0 * dim**3 / periods.inverse_every + dim**2 * other
     rank, apply = config.rank, 2.0 * config.rank * dim * other
     if config.representation in SKETCHES:
         sketch = (rank + config.oversample) * dim**2 * (config.power_iters + 2)
-        return MODEL_ROWS * dim**2 / config.stats_every + sketch / config.inverse_every + apply
-    brand = 4.0 * dim * (rank + MODEL_ROWS) ** 2 / config.stats_every
+        return MODEL_ROWS * dim**2 / periods.stats_every + sketch / periods.inverse_every + apply
+    brand = 4.0 * dim * (rank + MODEL_ROWS) ** 2 / periods.stats_every
     if isinstance(config, BRKFAC):
-        brand += MODEL_ROWS * dim**2 / config.stats_every
+        brand += MODEL_ROWS * dim**2 / periods.stats_every
         brand += (rank + config.oversample) * dim**2 * (config.power_iters + 2) / config.refresh_every
     elif isinstance(config, BKFACC):
-        brand += MODEL_ROWS * dim**2 / config.stats_every
+        brand += MODEL_ROWS * dim**2 / periods.stats_every
         brand += dim**2 * rank * config.correct_fraction / config.correct_every
     return brand + apply
 
@@ -247,8 +255,8 @@ class KFACCurvature(Curvature):
     def estimate_bytes(cls, method: KFAC, dims: LayerDims, dtype: torch.dtype) -> int:
         size = torch.empty((), dtype=dtype).element_size()
         exact = method.damping_mode == "exact"
-        return size * sum(factor_bytes(method.factor(side), dim, exact) for side, dim in (("a", dims.d_a), ("g", dims.d_g)))
+        return size * sum(factor_bytes(method.factor(side), dim, exact, method.inverse_every) for side, dim in (("a", dims.d_a), ("g", dims.d_g)))
 
     @classmethod
     def cost(cls, method: KFAC, dims: LayerDims) -> float:
-        return factor_cost(method.factor("a"), dims.d_a, dims.d_g) + factor_cost(method.factor("g"), dims.d_g, dims.d_a)
+        return factor_cost(method.factor("a"), dims.d_a, dims.d_g, method) + factor_cost(method.factor("g"), dims.d_g, dims.d_a, method)
