@@ -12,6 +12,20 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors (restored after).
+
+    Extra OpenMP threads only synchronise on tiny matrices; on a busy 2-core
+    machine a second thread makes them 10–100× slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mlp(dtype: torch.dtype = torch.float64, inplace: bool = False) -> nn.Sequential:
     """A small tanh/ReLU MLP: 6 → 7 → 5 → 3."""
     return nn.Sequential(

@@ -44,13 +44,7 @@ LOW_RANK = SKETCHED + BRAND
 KFAC_FIELDS = tuple(f.name for f in dataclasses.fields(sr.KFAC))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Matrices here are small: extra intra-op threads only spin on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers ----------------------------------------------------------------------------

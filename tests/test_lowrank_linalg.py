@@ -45,13 +45,7 @@ F64 = torch.float64
 SEEDS = st.integers(0, 2**32 - 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Matrices here are tiny: extra intra-op threads only spin on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- oracle helpers ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from abc import ABC, abstractmethod
 from typing import Any, NamedTuple
 
 import torch
@@ -66,11 +67,11 @@ def adapted_rank(values: Tensor, bounds: tuple[int, int], target: float) -> int:
     return min(bounds[1], max(bounds[0], math.ceil(1.5 * significant)))
 
 
-class Factor:
+class Factor(ABC):
     """Base: inverse representation, its application and its state.
 
     Subclasses implement statistics (`accumulate`, `discard`, `fold`,
-    `mean_eigenvalue`) and `decompose`.
+    `mean_eigenvalue`, `has_statistics`), `decompose` and `exchange`.
     """
 
     def __init__(self, dim: int, config: KFAC, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -83,32 +84,33 @@ class Factor:
         self.note = ""
 
     # -- statistics (subclasses) ------------------------------------------------
+    @abstractmethod
     def accumulate(self, rows: Tensor) -> None:
         """Stage rows ``(m, dim)`` of one call."""
-        raise NotImplementedError
 
+    @abstractmethod
     def discard(self) -> None:
-        raise NotImplementedError
+        """Drop the staged rows."""
 
+    @abstractmethod
     def fold(self, scale: float, ema: float, *, compute: bool = True) -> None:
         """Fold staged rows into the running average ``F ← ρF + (1−ρ)·scale·Σ rowsᵀrows``.
 
         ``compute=False`` (a rank that does not own the layer): skip the
         assignable part of the fold (`assigned_fold`), only drop the rows.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def mean_eigenvalue(self) -> Tensor:
         """``tr(F) / dim`` as a 0-d tensor (for π-damping)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def has_statistics(self) -> bool:
         """Whether a finite batch has been folded in (one host sync; decomposition steps only)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decompose(self, damping: Tensor | None, step: int) -> Inverse | None:
         """A new inverse representation (``damping`` λ under π, ``None`` under exact), or ``None`` on failure."""
-        raise NotImplementedError
 
     def settle(self, rows: int) -> "Factor":
         """The factor to use from now on, given this step's row count (Brand may hand over to dense)."""
@@ -118,9 +120,9 @@ class Factor:
     #: Whether `fold` itself is the expensive, assignable work (Brand's eigh) rather than a running average.
     assigned_fold = False
 
+    @abstractmethod
     def exchange(self, exchange: Any, weight: float | Tensor, rows_per_rank: list[int]) -> None:
         """Hand the staged statistics, pre-multiplied by ``weight``, to the distributed ``exchange``."""
-        raise NotImplementedError(f"{type(self).__name__} does not support distributed training")
 
     def fold_state(self, prefix: str) -> dict[str, Any]:
         """State an assigned `fold` changed (sent by the layer's owner)."""

@@ -9,12 +9,8 @@ made between runs inside one test, so they do not depend on the thread count.
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    """Every precision test runs under the shared `one_thread` fixture."""
