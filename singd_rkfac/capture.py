@@ -50,9 +50,10 @@ class LayerCapture:
     Args:
         name: qualified module name (for error messages).
         layer: the module's adapter.
-        approx: ``"expand"`` or ``"reduce"``.
+        approx: row layout, ``"expand"``, ``"reduce"`` or ``"sample"`` (`share_weights`).
         dtype: dtype of the rows handed to ``sink`` (the curvature's dtype).
-        sink: ``sink(a, g)`` with ``a`` ``(m, d_a)`` and ``g`` ``(m, d_g)``.
+        sink: ``sink(a, g)`` with ``a`` ``(m, d_a)`` and ``g`` ``(m, d_g)`` (``"sample"``:
+            ``(batch, positions, d)``).
         passes: the root model's forward-pass counter.
     """
 
@@ -91,11 +92,12 @@ class LayerCapture:
         if not isinstance(output, Tensor) or not output.requires_grad or not args:
             return
         forward = self.passes.current
-        if self.approx == "reduce" and forward == self._last_forward:
+        if self.approx != "expand" and forward == self._last_forward:
+            what = "kfac_approx='reduce' pools" if self.approx == "reduce" else "per-sample gradients (SENG, two-level) pool"
             raise RuntimeError(
                 f"layer {self.name!r} was called more than once in one forward pass; "
-                "kfac_approx='reduce' pools positions per sample and cannot span calls. "
-                "Use kfac_approx='expand' for this layer, or sr.Skip()."
+                f"{what} positions per sample and cannot span calls. "
+                "Use a method with kfac_approx='expand' for this layer, or sr.Skip()."
             )
         self._last_forward = forward
         output.register_hook(partial(self._on_grad, inputs=args[0].detach(), forward=forward))

@@ -18,8 +18,8 @@ from .linalg.kron import COMPLEMENTS
 from .structures import STRUCTURES, Block, Hierarchical, LowRank, Structure, Toeplitz
 
 __all__ = [
-    "Method", "Skip", "CurvatureMethod", "KFAC", "LowRankKFAC", "SketchedKFAC", "RKFAC", "SREKFAC",
-    "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC", "SINGD", "METHODS",
+    "Method", "Skip", "CurvatureMethod", "KroneckerMethod", "KFAC", "LowRankKFAC", "SketchedKFAC", "RKFAC", "SREKFAC",
+    "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC", "SINGD", "SENG", "METHODS",
 ]
 
 KFAC_APPROX = ("expand", "reduce")
@@ -123,22 +123,16 @@ class CurvatureMethod(Method):
 
     Attributes:
         damping: Tikhonov damping λ > 0 added to the curvature before inversion.
-        kfac_approx: weight-sharing treatment (sequences, conv patches):
-            ``"expand"`` makes every (sample, position) a row; ``"reduce"``
-            averages inputs and sums output gradients over positions first
-            (Eschenhagen et al. 2023).
         loss_average: ``"batch"`` when the loss is a mean over the batch (output
             gradients are multiplied by the batch size to recover per-sample
             gradients); ``None`` for a sum-reduced loss.
     """
 
     damping: float = 1e-3
-    kfac_approx: str = "expand"
     loss_average: str | None = "batch"
 
     def validate(self) -> None:
         check_float(self, "damping", 0.0, low_open=True)
-        check_choice(self, "kfac_approx", KFAC_APPROX)
         check_choice(self, "loss_average", LOSS_AVERAGE)
 
     @property
@@ -146,9 +140,36 @@ class CurvatureMethod(Method):
         """Capture layer statistics on steps that are multiples of this."""
         raise NotImplementedError
 
+    @property
+    def row_layout(self) -> str:
+        """How captured rows keep weight-shared positions (`singd_rkfac.layers.share_weights`)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, kw_only=True)
-class KFAC(CurvatureMethod):
+class KroneckerMethod(CurvatureMethod):
+    """Fields of the Kronecker-factored methods (K-FAC family, SINGD).
+
+    Attributes:
+        kfac_approx: weight-sharing treatment (sequences, conv patches):
+            ``"expand"`` makes every (sample, position) a row; ``"reduce"``
+            averages inputs and sums output gradients over positions first
+            (Eschenhagen et al. 2023).
+    """
+
+    kfac_approx: str = "expand"
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self, "kfac_approx", KFAC_APPROX)
+
+    @property
+    def row_layout(self) -> str:
+        return self.kfac_approx
+
+
+@dataclass(frozen=True, kw_only=True)
+class KFAC(KroneckerMethod):
     """Classic K-FAC: exponential averages of the Kronecker factors, inverted in fp32.
 
     The preconditioned gradient is ``(G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹`` with
@@ -411,7 +432,7 @@ _SIZE_ARGUMENTS: dict[str, dict[str, str]] = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class SINGD(CurvatureMethod):
+class SINGD(KroneckerMethod):
     """Inverse-free structured K-FAC (SINGD / INGD, or IKFAC with ``kfac_like``).
 
     Keeps ``K`` (``d_a × d_a``) and ``C`` (``d_g × d_g``) in a structure and
@@ -515,7 +536,52 @@ class SINGD(CurvatureMethod):
         return self.update_every
 
 
+@dataclass(frozen=True, kw_only=True)
+class SENG(CurvatureMethod):
+    """SENG: the empirical-Fisher natural gradient solved in the N × N sample space (Yang et al. 2021).
+
+    With per-sample gradient rows ``U = [∇ℓ_i / √N]`` (N × p) the direction is
+    ``(UᵀU + λI)⁻¹ ∇ = (∇ − Uᵀ (λI + UUᵀ)⁻¹ U ∇) / λ`` (Sherman–Morrison–Woodbury),
+    built from the layer's ``(a, g)`` rows without forming ``U`` when that is
+    cheaper (exact for Linear and for weight-shared layers). DESIGN §3.4.
+
+    Attributes:
+        damping: λ; off the span of the batch's per-sample gradients the
+            direction is ``∇ / λ``, so λ sets the step scale there (default 1).
+        update_every: capture the batch's rows and refactor the ``N × N``
+            system every this many steps; every step preconditions its fresh
+            gradient with the kept rows and factor.
+        sketch_size: ``None`` (exact) or the number of gradient columns (input
+            coordinates) sampled, uniformly without replacement and rescaled,
+            in each of the two per-step products with ``U``. The two draws are
+            independent and the ``N × N`` system stays exact, so the direction
+            is an unbiased estimate of the exact one at a fraction
+            ``sketch_size / d_in`` of those products' cost. At or above the
+            layer's column count it is exact.
+    """
+
+    name: ClassVar[str] = "seng"
+
+    damping: float = 1.0
+    update_every: int = 1
+    sketch_size: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "update_every", 1)
+        if self.sketch_size is not None:
+            check_int(self, "sketch_size", 1)
+
+    @property
+    def statistics_every(self) -> int:
+        return self.update_every
+
+    @property
+    def row_layout(self) -> str:
+        return "sample"
+
+
 #: Every method config by its lowercase name (the ``from_dict`` / TOML form).
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (KFAC, RKFAC, SREKFAC, NystromKFAC, BKFAC, BRKFAC, BKFACC, SINGD, Skip)
+    cls.name: cls for cls in (KFAC, RKFAC, SREKFAC, NystromKFAC, BKFAC, BRKFAC, BKFACC, SINGD, SENG, Skip)
 }

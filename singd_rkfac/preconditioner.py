@@ -130,7 +130,7 @@ class Preconditioner:
         curvature = implementation(
             method, layer.dims, device=layer.weight.device, dtype=dtype, name=plan.name, max_failures=max_failures
         )
-        capture = LayerCapture(plan.name, layer, method.kfac_approx, dtype, curvature.accumulate, self._passes)
+        capture = LayerCapture(plan.name, layer, method.row_layout, dtype, curvature.accumulate, self._passes)
         capture.grad_scaler = self.grad_scaler
         return ManagedLayer(plan.name, layer, method, curvature, capture)
 

@@ -33,15 +33,19 @@ class LayerDims:
     has_bias: bool
 
 
-def share_weights(features: Tensor, approx: str, pool: str) -> Tensor:
+def share_weights(features: Tensor, layout: str, pool: str) -> Tensor:
     """Rows of a ``(batch, *positions, d)`` tensor under weight sharing.
 
     ``expand`` makes every (sample, position) a row; ``reduce`` pools the
     positions of each sample with ``pool`` (``"mean"`` for inputs, ``"sum"``
-    for output gradients). Returns ``(rows, d)``.
+    for output gradients). Both return ``(rows, d)``. ``sample`` keeps the
+    samples apart for per-sample gradients (SENG, two-level K-FAC):
+    ``(batch, positions, d)``, one position without sharing.
     """
-    if approx == "expand":
+    if layout == "expand":
         return rearrange(features, "n ... d -> (n ...) d")
+    if layout == "sample":
+        return rearrange(features, "n ... d -> n (...) d")
     return reduce(features, "n ... d -> n d", pool)
 
 
@@ -92,16 +96,16 @@ class Layer(ABC):
         """Number of samples in one call's input (its leading dimension)."""
         return x.shape[0]
 
-    def input_rows(self, x: Tensor, approx: str, dtype: torch.dtype) -> Tensor:
-        """Factor rows ``a`` of one call: ``(rows, d_a)`` in ``dtype``."""
-        rows = share_weights(self.input_features(x.to(dtype)), approx, "mean")
+    def input_rows(self, x: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
+        """Factor rows ``a`` of one call: ``(rows, d_a)`` in ``dtype`` (``(batch, positions, d_a)`` for ``"sample"``)."""
+        rows = share_weights(self.input_features(x.to(dtype)), layout, "mean")
         if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
         return rows
 
-    def output_rows(self, grad_output: Tensor, approx: str, dtype: torch.dtype) -> Tensor:
-        """Factor rows ``g`` of one call: ``(rows, d_g)`` in ``dtype`` (not yet scaled)."""
-        return share_weights(self.output_features(grad_output.to(dtype)), approx, "sum")
+    def output_rows(self, grad_output: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
+        """Factor rows ``g`` of one call: ``(rows, d_g)`` in ``dtype`` (not yet scaled; 3-D for ``"sample"``)."""
+        return share_weights(self.output_features(grad_output.to(dtype)), layout, "sum")
 
     def grad_matrix(self) -> Tensor | None:
         """``[∇W | ∇b]`` as a ``(d_g, d_a)`` matrix, or ``None`` without a gradient."""
