@@ -15,12 +15,14 @@ from .methods import (
     BRKFAC,
     KFAC,
     RKFAC,
+    SENG,
     SINGD,
     SREKFAC,
     CurvatureMethod,
     Method,
     NystromKFAC,
     Skip,
+    TwoLevel,
 )
 from .optimizer import Optimizer
 from .policy import Policy, Rule
@@ -43,8 +45,10 @@ __all__ = [
     "Preconditioner",
     "RKFAC",
     "Rule",
+    "SENG",
     "SINGD",
     "SREKFAC",
     "Skip",
+    "TwoLevel",
     "structures",
 ]

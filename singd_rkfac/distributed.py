@@ -419,7 +419,7 @@ class Distributed:
         for i, (name, m) in enumerate(pre.layers.items()):
             rows_per_rank = [row[1 + 2 * i] for row in table]
             samples = sum(row[2 + 2 * i] for row in table)
-            counts = pre.step_counts(m, local[name], loss_scale)
+            counts = pre.step_counts(m.capture, local[name], loss_scale)
             if sum(rows_per_rank) == 0:
                 totals[name] = None
                 m.curvature.discard()

@@ -1,7 +1,8 @@
 """Per-layer curvature methods: frozen, validated configuration dataclasses.
 
 A method says *how* one layer is preconditioned; the `Policy`
-says *which* layer gets which method. Every config is immutable and checks its
+says *which* layer gets which method. `TwoLevel` configures the optimizer-wide
+coarse correction of two-level K-FAC. Every config is immutable and checks its
 fields at construction, so a bad value fails where it is written, with a
 ``ValueError`` that names the field and the allowed range.
 """
@@ -19,7 +20,7 @@ from .structures import STRUCTURES, Block, Hierarchical, LowRank, Structure, Toe
 
 __all__ = [
     "Method", "Skip", "CurvatureMethod", "KroneckerMethod", "KFAC", "LowRankKFAC", "SketchedKFAC", "RKFAC", "SREKFAC",
-    "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC", "SINGD", "SENG", "METHODS",
+    "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC", "SINGD", "SENG", "TwoLevel", "COARSE_SPACES", "METHODS",
 ]
 
 KFAC_APPROX = ("expand", "reduce")
@@ -579,6 +580,56 @@ class SENG(CurvatureMethod):
     @property
     def row_layout(self) -> str:
         return "sample"
+
+
+COARSE_SPACES = ("nicolaides", "spectral", "residual")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TwoLevel:
+    """Two-level K-FAC: a cross-layer coarse correction on top of every layer's own method (Koroko et al. 2023).
+
+    Not a per-layer method: pass it as ``sr.Optimizer(..., two_level=sr.TwoLevel())``.
+    Each managed layer ``i`` contributes one coarse vector ``r_i`` (its
+    parameters' shape); with ``R0`` the ``L × n`` block matrix of those vectors
+    and ``F`` the empirical Fisher of all managed parameters, the direction is
+    ``M⁻¹∇ + R0ᵀ (R0 F R0ᵀ + λ·diag(‖r_i‖²))⁻¹ R0 ∇``, where ``M⁻¹∇`` is the
+    layers' own preconditioned gradients. The ``L × L`` system is built from
+    per-sample projections ``(R0 ∇ℓ_n)_i`` (an ``N × L`` matrix; no full
+    Fisher). DESIGN §3.5.
+
+    Attributes:
+        coarse: the coarse space: ``"nicolaides"`` (``r_i`` all ones),
+            ``"spectral"`` (``u_G v_Aᵀ``, the leading eigenvectors of the
+            layer's batch factors ``G`` and ``A``) or ``"residual"`` (the
+            layer's block of the fine level's residual ``∇ − (F + λI) M⁻¹∇``).
+        damping: λ of the coarse system (``λ·‖r_i‖²`` on its diagonal: the
+            Galerkin projection of ``F + λI``).
+        update_every: rebuild the coarse vectors and system every this many
+            steps (with the rows of that step's batch); in between the kept
+            ones correct each step's fresh gradient.
+        power_iters: power iterations for the ``"spectral"`` eigenvectors
+            (warm-started from the previous refresh).
+        loss_average: ``"batch"`` (mean-reduced loss) or ``None`` (summed), as
+            for the per-layer methods.
+    """
+
+    coarse: str = "nicolaides"
+    damping: float = 1e-3
+    update_every: int = 10
+    power_iters: int = 20
+    loss_average: str | None = "batch"
+
+    def __post_init__(self) -> None:
+        check_choice(self, "coarse", COARSE_SPACES)
+        check_float(self, "damping", 0.0, low_open=True)
+        check_int(self, "update_every", 1)
+        check_int(self, "power_iters", 1)
+        check_choice(self, "loss_average", LOSS_AVERAGE)
+
+    def summary(self) -> str:
+        """Short text for ``describe()``."""
+        return f"two-level({self.coarse}, damping={self.damping}, update_every={self.update_every})"
 
 
 #: Every method config by its lowercase name (the ``from_dict`` / TOML form).

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import amp
+from .methods import TwoLevel
 from .policy import Policy
 from .preconditioner import Preconditioner
 from .update_rules import ADAMW_KEYS, SGD_KEYS, adamw_step, sgd_step
@@ -64,6 +65,8 @@ class Optimizer(torch.optim.Optimizer):
             ``docs/distributed.md``.
         grad_worker_fraction: see `Preconditioner` (``1``, COMM-OPT, or
             ``1/world``, MEM-OPT).
+        two_level: ``sr.TwoLevel(...)`` adds two-level K-FAC's coarse
+            correction across the managed layers (see `Preconditioner`).
 
     AMP: ``scaler.step(opt)`` hands the optimizer ``grad_scale`` and
     ``found_inf`` (``_step_supports_amp_scaling``); the optimizer unscales the
@@ -93,6 +96,7 @@ class Optimizer(torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         process_group: Any = None,
         grad_worker_fraction: float = 1.0,
+        two_level: TwoLevel | None = None,
     ) -> None:
         _check_number("lr", lr, 0.0)
         _check_number("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -112,7 +116,7 @@ class Optimizer(torch.optim.Optimizer):
         fallback_group = self._fallback_group(fallback, defaults, fallback_options or {})
         self.preconditioner = Preconditioner(
             model, policy, max_decomposition_failures=max_decomposition_failures, grad_scaler=grad_scaler,
-            process_group=process_group, grad_worker_fraction=grad_worker_fraction,
+            process_group=process_group, grad_worker_fraction=grad_worker_fraction, two_level=two_level,
         )
         self._warned_unknown_scale = False
         self.clip = clip

@@ -20,8 +20,9 @@ from .capture import ForwardPasses, LayerCapture
 from . import distributed
 from .curvature import BatchCounts, Curvature, curvature_class
 from .layers import Layer
-from .methods import CurvatureMethod
+from .methods import CurvatureMethod, TwoLevel
 from .policy import LayerPlan, Policy, fallback_row
+from .twolevel import CoarseCorrection
 
 __all__ = ["Preconditioner", "ManagedLayer"]
 
@@ -62,6 +63,9 @@ class Preconditioner:
             (MEM-OPT: each K-FAC-family layer's decompositions stay on its
             owner, which broadcasts the preconditioned gradient every step;
             checkpoints are then per rank). Other values raise ``ValueError``.
+        two_level: a `sr.TwoLevel` adds two-level K-FAC's cross-layer coarse
+            correction on top of every managed layer's own method (one process
+            only); ``None`` (default) = off.
 
     Call `step` after ``backward()`` and before the optimizer's step. The
     gradients may still be scaled (preconditioning is linear; the scaler's
@@ -79,6 +83,7 @@ class Preconditioner:
         grad_scaler: torch.amp.GradScaler | None = None,
         process_group: Any = None,
         grad_worker_fraction: float = 1.0,
+        two_level: TwoLevel | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
@@ -88,11 +93,15 @@ class Preconditioner:
             raise ValueError(f"max_decomposition_failures must be an integer >= 1 (got {max_decomposition_failures!r})")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None (got {type(grad_scaler).__name__})")
+        if two_level is not None and not isinstance(two_level, TwoLevel):
+            raise ValueError(f"two_level must be a sr.TwoLevel or None (got {type(two_level).__name__})")
         # distributed: hooks and layer names belong to the module inside a DDP wrapper
         wrapper, model = model, distributed.unwrap(model)
         group = distributed.resolve_group(wrapper, process_group)
         if group is None:  # one process: only 1 (in a group, the driver checks it after the plan check)
             distributed.check_grad_worker_fraction(grad_worker_fraction, world=1)
+        elif two_level is not None:
+            raise ValueError("two_level does not support multi-process training yet (use process_group=False on one process)")
         self.model = model
         self.policy = Policy() if policy is None else policy
         self.grad_scaler = grad_scaler
@@ -105,6 +114,14 @@ class Preconditioner:
             p.name: self._manage(p, max_decomposition_failures) for p in plans if p.method is not None
         }
         self.fallback_plans: list[LayerPlan] = [p for p in plans if p.method is None]
+        #: Two-level K-FAC's coarse correction, or ``None``.
+        self.two_level: CoarseCorrection | None = None
+        if two_level is not None:
+            try:
+                self.two_level = CoarseCorrection(two_level, self.layers, self._passes, grad_scaler, max_decomposition_failures)
+            except Exception:
+                self.remove()
+                raise
         unexpected = [f"{p.name or '(root)'} ({p.note})" for p in self.fallback_plans if p.warn]
         if unexpected:
             warnings.warn(
@@ -148,6 +165,8 @@ class Preconditioner:
     def _schedule_capture(self) -> None:
         for m in self.layers.values():
             m.capture.active = self.steps % m.method.statistics_every == 0
+        if self.two_level is not None:
+            self.two_level.schedule(self.steps)
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -196,21 +215,58 @@ class Preconditioner:
         """
         if self.distributed is not None:  # statistics, work and results shared across ranks
             inner = self.distributed.precondition(self, inner_products=inner_products, loss_scale=loss_scale)
+        elif self.two_level is not None:
+            inner = self._precondition_two_level(inner_products, loss_scale)
         else:
             inner = {}
             for m in self.layers.values():
-                m.curvature.update(self.steps, self.step_counts(m, m.capture.take(), loss_scale))
+                m.curvature.update(self.steps, self.step_counts(m.capture, m.capture.take(), loss_scale))
                 self.precondition_layer(m, inner_products, inner)
         self.steps += 1
         self._schedule_capture()
         return inner
 
-    def step_counts(self, m: ManagedLayer, counts: BatchCounts | None, loss_scale: Tensor | None) -> BatchCounts | None:
-        """This step's counts of a layer's staged statistics, with the scale they carry (AMP)."""
-        if counts is not None and (loss_scale is not None or m.capture.g_prescale is not None):
-            counts = replace(counts, loss_scale=amp.effective_scale(loss_scale, m.capture.g_prescale))
-        m.capture.g_prescale = None if loss_scale is None else loss_scale.double().reciprocal().float()
+    def _precondition_two_level(self, inner_products: bool, loss_scale: Tensor | None) -> dict[str, Tensor]:
+        """Every layer's own direction, then two-level K-FAC's coarse correction across them."""
+        assert self.two_level is not None
+        grads, directions = {}, {}
+        for name, m in self.layers.items():
+            m.curvature.update(self.steps, self.step_counts(m.capture, m.capture.take(), loss_scale))
+            grad = self.layer_gradient(m)
+            if grad is not None:
+                grads[name], directions[name] = grad, m.curvature.precondition(grad)
+        counts = {name: self.step_counts(c, c.take(), loss_scale) for name, c in self.two_level.captures.items()}
+        directions = self.two_level.correct(grads, directions, counts)
+        inner: dict[str, Tensor] = {}
+        for name, direction in directions.items():
+            self.write_direction(self.layers[name], grads[name], direction, inner_products, inner)
+        return inner
+
+    def step_counts(self, capture: LayerCapture, counts: BatchCounts | None, loss_scale: Tensor | None) -> BatchCounts | None:
+        """This step's counts of a capture's staged statistics, with the scale they carry (AMP)."""
+        if counts is not None and (loss_scale is not None or capture.g_prescale is not None):
+            counts = replace(counts, loss_scale=amp.effective_scale(loss_scale, capture.g_prescale))
+        capture.g_prescale = None if loss_scale is None else loss_scale.double().reciprocal().float()
         return counts
+
+    def layer_gradient(self, m: ManagedLayer) -> Tensor | None:
+        """The layer's ``(d_g, d_a)`` gradient matrix if it can be preconditioned (a gradient and statistics)."""
+        grad = m.layer.grad_matrix()
+        if grad is None:
+            return None
+        if not m.curvature.ready:
+            self._warn_no_statistics(m)
+            return None
+        return grad
+
+    def write_direction(
+        self, m: ManagedLayer, grad: Tensor, direction: Tensor, inner_products: bool, inner: dict[str, Tensor]
+    ) -> None:
+        """Overwrite a layer's gradient with ``direction`` (and note ``⟨direction, ∇⟩``)."""
+        if inner_products:
+            work = torch.promote_types(direction.dtype, torch.float32)
+            inner[m.name] = torch.vdot(direction.reshape(-1).to(work), grad.reshape(-1).to(work))
+        m.layer.write_grad(direction)
 
     def precondition_layer(
         self, m: ManagedLayer, inner_products: bool, inner: dict[str, Tensor], direction: Tensor | None = None
@@ -220,24 +276,20 @@ class Preconditioner:
         ``direction``: the preconditioned gradient computed elsewhere (MEM-OPT:
         by the layer's owner), used instead of applying the curvature here.
         """
-        grad = m.layer.grad_matrix()
+        grad = self.layer_gradient(m)
         if grad is None:
-            return
-        if not m.curvature.ready:
-            self._warn_no_statistics(m)
             return
         if direction is None:
             direction = m.curvature.precondition(grad)
-        if inner_products:
-            work = torch.promote_types(direction.dtype, torch.float32)
-            inner[m.name] = torch.vdot(direction.reshape(-1).to(work), grad.reshape(-1).to(work))
-        m.layer.write_grad(direction)
+        self.write_direction(m, grad, direction, inner_products, inner)
 
     def skip(self) -> None:
         """Drop the statistics captured since the last step; change nothing else."""
         for m in self.layers.values():
             m.capture.take()
             m.curvature.discard()
+        if self.two_level is not None:
+            self.two_level.discard()
 
     @staticmethod
     def _warn_no_statistics(m: ManagedLayer) -> None:
@@ -267,6 +319,8 @@ class Preconditioner:
                 for name, m in self.layers.items()
             },
         }
+        if self.two_level is not None:
+            state["two_level"] = self.two_level.state_dict()
         if self.distributed is not None and self.distributed.memory_split:
             driver = self.distributed
             state["without_preconditioner"] = [name for name in self.layers if not driver.holds_preconditioner(name)]
@@ -303,6 +357,14 @@ class Preconditioner:
                 "process needs: under MEM-OPT every rank saves its own state and loads it back "
                 "(same world size and policy)"
             )
+        if ("two_level" in state) != (self.two_level is not None):
+            raise ValueError(
+                "checkpoint and preconditioner disagree on two_level: saved "
+                f"{'with' if 'two_level' in state else 'without'} it, this preconditioner runs "
+                f"{'with' if self.two_level is not None else 'without'} it"
+            )
+        if self.two_level is not None:
+            self.two_level.load_state_dict(state["two_level"])
         for name, m in self.layers.items():
             m.curvature.load_state_dict(saved[name]["curvature"])
             if name not in needed:  # MEM-OPT, a layer another rank owns: keep no decomposition of it
@@ -311,8 +373,11 @@ class Preconditioner:
         self._schedule_capture()
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes of persistent curvature state per managed layer."""
-        return {name: m.curvature.memory_bytes() for name, m in self.layers.items()}
+        """Bytes of persistent curvature state per managed layer (and ``"(two-level)"`` for the coarse space)."""
+        sizes = {name: m.curvature.memory_bytes() for name, m in self.layers.items()}
+        if self.two_level is not None:
+            sizes["(two-level)"] = self.two_level.memory_bytes()
+        return sizes
 
     def describe(self) -> str:
         """Table of managed layers (method, actual state bytes) and fallback modules."""
@@ -329,6 +394,8 @@ class Preconditioner:
         total = sum(self.memory_bytes().values())
         table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
         text = f"{table}\ncurvature state: {format_bytes(total)}"
+        if self.two_level is not None:
+            text += f"\n{self.two_level.describe()}: {format_bytes(self.two_level.memory_bytes())}"
         return text if self.distributed is None else f"{text}\n{self.distributed.describe()}"
 
     def remove(self) -> None:
@@ -336,3 +403,5 @@ class Preconditioner:
         self._passes.remove()
         for m in self.layers.values():
             m.capture.remove()
+        if self.two_level is not None:
+            self.two_level.remove()

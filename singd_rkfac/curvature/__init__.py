@@ -5,12 +5,13 @@ from __future__ import annotations
 from ..methods import CurvatureMethod
 from .base import BatchCounts, Curvature
 from .kfac import KFACCurvature
+from .seng import SENGCurvature
 from .singd import SINGDCurvature
 
-__all__ = ["BatchCounts", "Curvature", "KFACCurvature", "SINGDCurvature", "curvature_class", "register"]
+__all__ = ["BatchCounts", "Curvature", "KFACCurvature", "SENGCurvature", "SINGDCurvature", "curvature_class", "register"]
 
 #: Implementations; a method config is served by the first whose types it is an instance of.
-CURVATURE_CLASSES: list[type[Curvature]] = [KFACCurvature, SINGDCurvature]
+CURVATURE_CLASSES: list[type[Curvature]] = [KFACCurvature, SINGDCurvature, SENGCurvature]
 
 
 def register(cls: type[Curvature]) -> type[Curvature]:

@@ -30,7 +30,7 @@ from ..methods import CurvatureMethod
 if TYPE_CHECKING:
     from ..distributed import StatisticsExchange
 
-__all__ = ["BatchCounts", "Curvature"]
+__all__ = ["BatchCounts", "Curvature", "per_sample_scale"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,24 @@ class BatchCounts:
     rows: int
     samples: int
     loss_scale: Tensor | None = None
+
+
+def per_sample_scale(
+    counts: BatchCounts, loss_average: str | None, dtype: torch.dtype, device: torch.device
+) -> float | Tensor:
+    """Factor turning ``Σ gᵀg`` of raw output gradients into the per-sample average.
+
+    With a batch-averaged loss each output gradient carries ``1/N``;
+    ``G = Σ (N g)(N g)ᵀ / N = N Σ g gᵀ``. With a summed loss ``G = Σ g gᵀ / N``.
+    Under an AMP loss scale ``s`` it is divided by ``s²`` (a 0-d tensor in at
+    least fp32, on ``device``: no host sync).
+    """
+    n = counts.samples
+    scale = float(n) if loss_average == "batch" else 1.0 / n
+    if counts.loss_scale is None:
+        return scale
+    work = torch.promote_types(dtype, torch.float32)  # N/s² underflows fp16
+    return (scale / counts.loss_scale.to(device, work).square()).reshape(())
 
 
 class Curvature(ABC):
@@ -88,19 +106,8 @@ class Curvature(ABC):
         """Fold staged statistics (if ``counts``) and refresh what is due at ``step``."""
 
     def g_scale(self, counts: BatchCounts) -> float | Tensor:
-        """Factor turning ``Σ gᵀg`` of raw output gradients into the per-sample average.
-
-        Under an AMP loss scale ``s`` it is divided by ``s²`` (a 0-d tensor: no host sync).
-
-        With a batch-averaged loss each output gradient carries ``1/N``;
-        ``G = Σ (N g)(N g)ᵀ / N = N Σ g gᵀ``. With a summed loss ``G = Σ g gᵀ / N``.
-        """
-        n = counts.samples
-        scale = float(n) if self.method.loss_average == "batch" else 1.0 / n
-        if counts.loss_scale is None:
-            return scale
-        work = torch.promote_types(self.dtype, torch.float32)  # N/s² underflows fp16
-        return (scale / counts.loss_scale.to(self.device, work).square()).reshape(())
+        """Factor turning ``Σ gᵀg`` of raw output gradients into the per-sample average (`per_sample_scale`)."""
+        return per_sample_scale(counts, self.method.loss_average, self.dtype, self.device)
 
     # -- preconditioning --------------------------------------------------
     @property

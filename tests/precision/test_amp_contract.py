@@ -49,10 +49,15 @@ METHODS = {
     "bkfac": (sr.BKFAC(rank=4), wide_mlp),
     "brkfac": (sr.BRKFAC(rank=4, refresh_every=2), wide_mlp),
     "srekfac": (sr.SREKFAC(rank=3, oversample=2, inverse_every=1), wide_mlp),
+    "seng": (sr.SENG(update_every=2), mlp),
+    "seng-sketch": (sr.SENG(sketch_size=3), mlp),
+    "kfac+two-level-residual": (sr.KFAC(inverse_every=1), mlp),
     # a Skip layer: its parameters go to the AdamW fallback, which must see unscaled gradients too
     "kfac+adamw-fallback": (sr.Policy(sr.KFAC(inverse_every=1), rules=[("4", sr.Skip())]), mlp),
 }
 FALLBACK = {"kfac+adamw-fallback": "adamw"}
+#: Optimizer options beyond `OPTIONS` for some entries.
+EXTRA = {"kfac+two-level-residual": {"two_level": sr.TwoLevel(coarse="residual", update_every=2)}}
 
 
 def _scaler(**overrides) -> torch.amp.GradScaler:
@@ -84,11 +89,12 @@ def _train_step(model, opt, batch, *, scaler=None, path="step", clip=False) -> N
     scaler.update()
 
 
-def _run(method, initial, batches, *, scaler=None, path="step", pass_scaler=True, clip=False, fallback="sgd"):
+def _run(method, initial, batches, *, scaler=None, path="step", pass_scaler=True, clip=False, fallback="sgd", extra=None):
     """Train a copy of ``initial``; parameters after every step, the optimizer and the scales used."""
     model = copy.deepcopy(initial)
     policy = method if isinstance(method, sr.Policy) else sr.Policy(method)
-    opt = sr.Optimizer(model, policy, grad_scaler=scaler if pass_scaler else None, fallback=fallback, **OPTIONS)
+    options = {**OPTIONS, **(extra or {})}
+    opt = sr.Optimizer(model, policy, grad_scaler=scaler if pass_scaler else None, fallback=fallback, **options)
     trajectory, scales = [], []
     for batch in batches:
         if scaler is not None:
@@ -114,11 +120,13 @@ def test_scaled_training_is_bit_identical_to_unscaled(name, path):
     initial = build()
     batches = _batches(initial, STEPS)
     clip = path == "unscale"
-    fallback = FALLBACK.get(name, "sgd")
-    _, ref_opt, reference, _ = _run(method, initial, batches, clip=clip, fallback=fallback)
+    fallback, extra = FALLBACK.get(name, "sgd"), EXTRA.get(name)
+    _, ref_opt, reference, _ = _run(method, initial, batches, clip=clip, fallback=fallback, extra=extra)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, opt, trajectory, scales = _run(method, initial, batches, scaler=_scaler(), path=path, clip=clip, fallback=fallback)
+        _, opt, trajectory, scales = _run(
+            method, initial, batches, scaler=_scaler(), path=path, clip=clip, fallback=fallback, extra=extra
+        )
     assert scales == [INIT_SCALE * 2.0**k for k in range(STEPS)]  # a different scale every step
     assert _user_warnings(caught) == []
     for step, (got, want) in enumerate(zip(trajectory, reference)):
@@ -328,6 +336,8 @@ SYNC_METHODS = {
     "singd-dense-T2": sr.SINGD(structure="dense", update_every=2),
     "singd-diagonal-T1": sr.SINGD(structure="diagonal", update_every=1, kfac_like=True),
     "singd-block-bf16": sr.SINGD(structure="block", block_size=3, update_every=1, dtype=torch.bfloat16),
+    "seng": sr.SENG(update_every=1000),
+    "seng-sketch": sr.SENG(update_every=1000, sketch_size=2),
 }
 
 
@@ -363,7 +373,7 @@ def test_exactly_one_host_sync_per_step_whatever_the_depth(name, depth, scaled):
         if scaled:
             scaler.update()
         counts.append(counter.count)
-    measured = counts[1:] if name.startswith(("kfac", "srekfac")) else counts  # step 0 decomposes
+    measured = counts[1:] if name.startswith(("kfac", "srekfac", "seng")) else counts  # step 0 decomposes
     assert measured == [1] * len(measured), counts
     assert opt.preconditioner.steps == 5
 
