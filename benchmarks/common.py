@@ -390,9 +390,9 @@ LOWRANK_RANK = 64
 KFAC_CLIP = 1e-3
 
 
-def _ours(method: sr.Method, clip: float | None = None) -> Callable[[nn.Module], torch.optim.Optimizer]:
+def _ours(method: sr.Method, clip: float | None = None, **options: Any) -> Callable[[nn.Module], torch.optim.Optimizer]:
     # clip=None (SINGD): the update rule of the reference package and of the torch baselines
-    return lambda model: sr.Optimizer(model, sr.Policy(default=method), lr=SGD_LR, momentum=MOMENTUM, clip=clip)
+    return lambda model: sr.Optimizer(model, sr.Policy(default=method), lr=SGD_LR, momentum=MOMENTUM, clip=clip, **options)
 
 
 def lowrank_methods(rank: int = LOWRANK_RANK) -> dict[str, sr.KFAC]:
@@ -416,7 +416,8 @@ def lowrank_methods(rank: int = LOWRANK_RANK) -> dict[str, sr.KFAC]:
 def method_factories(
     dtypes: Sequence[torch.dtype | None] = (None,), *, rank: int = LOWRANK_RANK
 ) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
-    """Every method of `scaling` and `memory` by label: baselines, the K-FAC family, SINGD per structure and dtype.
+    """Every method of `scaling` and `memory` by label: baselines, the K-FAC family, SENG, two-level K-FAC
+    (Nicolaides coarse space), SINGD per structure and dtype.
 
     ``dtypes`` are SINGD's factor dtypes (``None`` = the parameters' fp32);
     labels get a ``-bf16`` / ``-fp16`` suffix for the low-precision ones.
@@ -429,6 +430,10 @@ def method_factories(
     }
     for label, method in lowrank_methods(rank).items():
         factories[label] = _ours(method, clip=KFAC_CLIP)
+    factories["SENG"] = _ours(sr.SENG(update_every=UPDATE_EVERY), clip=KFAC_CLIP)
+    factories["KFAC-2L"] = _ours(
+        sr.KFAC(inverse_every=UPDATE_EVERY), clip=KFAC_CLIP, two_level=sr.TwoLevel(update_every=UPDATE_EVERY)
+    )
     suffix = {None: "", torch.float32: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}
     for dtype in dtypes:
         for label, structure in SINGD_STRUCTURES.items():

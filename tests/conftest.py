@@ -44,3 +44,15 @@ def cnn(dtype: torch.dtype = torch.float64, **conv_kwargs) -> nn.Sequential:
 def classification_batch(n: int, shape: tuple[int, ...], classes: int, dtype=torch.float64):
     """Inputs ``(n, *shape)`` and integer labels."""
     return torch.randn(n, *shape, dtype=dtype), torch.randint(0, classes, (n,))
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches) -> list[float]:
+    """One cross-entropy step per ``(x, y)`` batch; the losses."""
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -230,3 +230,16 @@ def test_bench_without_checkout_is_a_clean_error(
     assert cli.main(["bench", "scaling", "--quick"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "benchmarks folder not found" in err
+
+
+def test_train_quick(tmp_path: Path) -> None:
+    payload = cli.load_benchmark("train").main([*QUICK, "--out", str(tmp_path)])
+    written = _results(tmp_path, "train")
+    assert written["summary"].keys() == payload["summary"].keys() == {"classifier", "autoencoder"}
+    for problem, block in written["summary"].items():
+        assert set(block["methods"]) == {"AdamW", "KFAC", "SENG", "KFAC-2L-nicolaides"}
+        for label, runs in written["raw"][problem].items():
+            assert [r["lr"] for r in runs] == written["config"]["methods"][label]["lrs"]
+            assert all(len(r["losses"]) == written["config"]["steps"] and r["finite"] for r in runs)
+            assert all(r["evaluations"][-1][0] == written["config"]["steps"] for r in runs)
+        assert block["methods"]["AdamW"]["best_lr"] in written["config"]["methods"]["AdamW"]["lrs"]

@@ -35,7 +35,7 @@ from singd_rkfac._table import format_bytes
 from singd_rkfac.curvature.brand import BrandFactor
 from singd_rkfac.curvature.factors import DenseFactor, SketchedFactor
 from singd_rkfac.curvature.kfac import KFACCurvature
-from conftest import classification_batch
+from conftest import classification_batch, train_steps
 
 F64 = torch.float64
 SKETCHED = (sr.RKFAC, sr.SREKFAC, sr.NystromKFAC)
@@ -89,17 +89,6 @@ def _small_mlp(dtype=F64) -> nn.Sequential:
     ).to(dtype))
 
 
-def _train(model: nn.Module, opt, batches) -> list[float]:
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 OPTIONS = {"lr": 0.3, "momentum": 0.9, "clip": None}
 
 
@@ -108,7 +97,7 @@ def _run(build, method, batches, **options):
     model = build()
     start = [p.detach().clone() for p in model.parameters()]
     opt = sr.Optimizer(model, sr.Policy(method), **{**OPTIONS, **options})
-    _train(model, opt, batches)
+    train_steps(model, opt, batches)
     return model, opt, start
 
 
@@ -259,7 +248,7 @@ def test_brand_state_is_the_explicit_running_average_before_truncation():
     recorders = {"0": _RowRecorder(model[0]), "2": _RowRecorder(model[2])}
     expected: dict[tuple[str, str], torch.Tensor] = {}
     for step in range(4):
-        _train(model, opt, [classification_batch(6, (64,), 3)])
+        train_steps(model, opt, [classification_batch(6, (64,), 3)])
         for layer, recorder in recorders.items():
             for side, batch in recorder.batch_factors().items():
                 key = (layer, side)
@@ -290,7 +279,7 @@ def test_brand_after_truncation_is_the_recursively_truncated_average():
     recorder = _RowRecorder(model[0])
     truncated = average = None
     for step in range(6):
-        _train(model, opt, [classification_batch(6, (64,), 3)])
+        train_steps(model, opt, [classification_batch(6, (64,), 3)])
         batch = recorder.batch_factors()["a"]
         average = batch if step == 0 else rho * average + (1 - rho) * batch
         if step == 0:
@@ -320,7 +309,7 @@ def test_brand_folds_a_step_with_more_rows_than_dim_minus_rank():
     recorder = _RowRecorder(model[0])
     average = None
     for n in (6, 40, 100):
-        _train(model, opt, [classification_batch(n, (32,), 3)])
+        train_steps(model, opt, [classification_batch(n, (32,), 3)])
         batch = recorder.batch_factors()["a"]
         average = batch if average is None else rho * average + (1 - rho) * batch
         factor = opt.preconditioner.layers["0"].curvature.a_factor
@@ -339,7 +328,7 @@ def test_brand_truncating_every_step_trains_on_a_fixed_batch(cls):
     x, y = classification_batch(16, (64,), 3)
     model = _wide_mlp()
     opt = sr.Optimizer(model, sr.Policy(cls(rank=4)), lr=0.1, momentum=0.5)
-    losses = _train(model, opt, [(x, y)] * 10)
+    losses = train_steps(model, opt, [(x, y)] * 10)
     assert losses[-1] < 0.5 * losses[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     factor = opt.preconditioner.layers["0"].curvature.a_factor
@@ -384,7 +373,7 @@ def test_brand_wide_layer_memory_is_linear_in_width_and_never_forms_d_by_d():
     recorder = _Shapes()
     with recorder:
         opt = sr.Optimizer(model, policy, lr=0.1)
-        _train(model, opt, [(x, y)] * 3)
+        train_steps(model, opt, [(x, y)] * 3)
     assert recorder.square(2048) == []
     assert (64, d) in {s for _, s in recorder.shapes} and (d, rank) in {s for _, s in recorder.shapes}
     assert isinstance(opt.preconditioner.layers["0"].curvature.a_factor, BrandFactor)
@@ -436,7 +425,7 @@ def test_brand_hands_over_to_dense_when_rank_plus_rows_reach_dim(name):
     else:
         assert "A: brand rank 4 (exact if rank + rows >= 7)" in before
         assert isinstance(opt.preconditioner.layers["0"].curvature.a_factor, BrandFactor)
-    _train(model, opt, batches)
+    train_steps(model, opt, batches)
     assert set(k for kinds in _kinds(opt).values() for k in kinds.values()) == {"DenseFactor"}
     after = opt.describe()
     if name != "a-bkfac-default":
@@ -458,7 +447,7 @@ def test_brand_validity_boundary_is_rank_plus_rows_below_dim(rank, kind):
     """Linear(32→3) (A is 33 wide), 6 rows: rank 26 (26 + 6 = 32 < 33) stays Brand, rank 27 (= 33) hands over."""
     model = _seeded(lambda: nn.Sequential(nn.Linear(32, 3)).to(F64))
     opt = sr.Optimizer(model, sr.Policy(sr.KFAC(a=sr.BKFAC(rank=rank))), lr=0.1)
-    _train(model, opt, [classification_batch(6, (32,), 3)])
+    train_steps(model, opt, [classification_batch(6, (32,), 3)])
     assert type(opt.preconditioner.layers["0"].curvature.a_factor) is kind
     handed_over = f"A: Brand needs rank + rows < dim ({rank} + 6 >= 33): exact eigh"
     assert (handed_over in opt.describe()) == (kind is DenseFactor)
@@ -472,7 +461,7 @@ def test_per_factor_choice_uses_brand_on_a_and_dense_on_g():
     model = _seeded(lambda: nn.Sequential(nn.Linear(32, 5)).to(F64))
     batches = [classification_batch(6, (32,), 5) for _ in range(2)]  # 12 distinct rows: 8 are kept
     opt = sr.Optimizer(model, sr.Policy(method), lr=0.1)
-    losses = _train(model, opt, batches * 4)
+    losses = train_steps(model, opt, batches * 4)
     curvature = opt.preconditioner.layers["0"].curvature
     assert isinstance(curvature.factors["a"], BrandFactor) and curvature.factors["a"].values.shape == (8,)
     assert type(curvature.factors["g"]) is DenseFactor
@@ -553,7 +542,7 @@ def test_resume_is_bit_for_bit(name):
 
     model = _checkpoint_mlp()
     opt = sr.Optimizer(model, policy, **options)
-    _train(model, opt, batches)
+    train_steps(model, opt, batches)
     uninterrupted = [p.detach().clone() for p in model.parameters()]
     kinds = _kinds(opt)
     notes = opt.describe()
@@ -563,7 +552,7 @@ def test_resume_is_bit_for_bit(name):
 
     model = _checkpoint_mlp()
     opt = sr.Optimizer(model, policy, **options)
-    _train(model, opt, batches[:5])
+    train_steps(model, opt, batches[:5])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -574,7 +563,7 @@ def test_resume_is_bit_for_bit(name):
     fresh_opt = sr.Optimizer(fresh, policy, **options)
     fresh_opt.load_state_dict(checkpoint["optimizer"])
     assert _kinds(fresh_opt) == kinds  # handed-over factors come back dense
-    _train(fresh, fresh_opt, batches[5:])
+    train_steps(fresh, fresh_opt, batches[5:])
     for got, want in zip(fresh.parameters(), uninterrupted):
         assert torch.equal(got.detach(), want)
     assert fresh_opt.describe() == notes
@@ -585,7 +574,7 @@ def test_resumed_brand_state_holds_the_same_bytes():
     inverse is the Brand state itself), not twice ``d·r``."""
     model = _seeded(lambda: nn.Sequential(nn.Linear(256, 16)))
     opt = sr.Optimizer(model, sr.Policy(sr.BKFAC(rank=32)), lr=0.1)
-    _train(model, opt, [classification_batch(64, (256,), 16, dtype=torch.float32) for _ in range(2)])
+    train_steps(model, opt, [classification_batch(64, (256,), 16, dtype=torch.float32) for _ in range(2)])
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
@@ -608,7 +597,7 @@ def _adaptive_ranks(method, inputs) -> list[tuple[int, int]]:
     opt = sr.Optimizer(model, sr.Policy(method), lr=0.05)
     ranks = []
     for x in inputs:
-        _train(model, opt, [(x, torch.randint(0, 3, (x.shape[0],)))])
+        train_steps(model, opt, [(x, torch.randint(0, 3, (x.shape[0],)))])
         factor = opt.preconditioner.layers["0"].curvature.a_factor
         assert isinstance(factor, (BrandFactor, SketchedFactor))
         ranks.append((factor.rank, factor.inverse.eigen.values.numel()))
@@ -714,13 +703,13 @@ def test_float32_low_rank_failure_is_recovered_by_the_float64_retry(monkeypatch,
     batches = [classification_batch(4, (32,), 3, dtype=torch.float32) for _ in range(3)]
     reference = _failure_model().float()
     reference_opt = sr.Optimizer(reference, sr.Policy(cls(rank=4, inverse_every=1)), lr=0.1)
-    _train(reference, reference_opt, batches)
+    train_steps(reference, reference_opt, batches)
     model = _failure_model().float()
     opt = sr.Optimizer(model, sr.Policy(cls(rank=4, inverse_every=1)), lr=0.1)
     monkeypatch.setattr(target, fails_in_float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _train(model, opt, batches)
+        train_steps(model, opt, batches)
     assert calls[:2] == [torch.float32, torch.float64] and torch.float64 in calls
     for m in opt.preconditioner.layers.values():
         assert m.curvature.failures.total == 0
@@ -808,9 +797,9 @@ def test_brand_survives_an_all_zero_first_batch(case, mode):
     first, second = classification_batch(4, (32,), 3), classification_batch(4, (32,), 3)
     if case == "zero-input":
         first = (torch.zeros_like(first[0]), first[1])
-    _train(model, opt, [first])
+    train_steps(model, opt, [first])
     recorder = _RowRecorder(dict(model.named_modules())[layer])
-    _train(model, opt, [second])
+    train_steps(model, opt, [second])
     factor = opt.preconditioner.layers[layer].curvature.factors[side]
     assert isinstance(factor, BrandFactor)
     want = (1 - method.ema) * recorder.batch_factors()[side]
@@ -828,7 +817,7 @@ def test_low_rank_under_a_grad_scaler_equals_the_unscaled_run(cls):
     build = lambda: _seeded(lambda: nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)))
     batches = [classification_batch(4, (32,), 3, dtype=torch.float32) for _ in range(6)]
     plain = build()
-    _train(plain, sr.Optimizer(plain, sr.Policy(method), lr=0.1), batches)
+    train_steps(plain, sr.Optimizer(plain, sr.Policy(method), lr=0.1), batches)
     model = build()
     opt = sr.Optimizer(model, sr.Policy(method), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
@@ -924,7 +913,7 @@ def test_every_method_trains_in_float32(name, net):
     x, y = classification_batch(16, shape, 5, dtype=torch.float32)
     model = build()
     opt = sr.Optimizer(model, sr.Policy(method), lr=0.05, momentum=0.9)
-    losses = _train(model, opt, [(x, y)] * 12)
+    losses = train_steps(model, opt, [(x, y)] * 12)
     assert all(map(math.isfinite, losses))
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import singd_rkfac as sr
-from conftest import classification_batch, cnn, mlp
+from conftest import classification_batch, cnn, mlp, train_steps
 from singd_rkfac.linalg.samples import GRAM_PATHS, gram_path, sample_gram
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,27 +209,17 @@ def test_training_is_finite_the_loss_falls_and_a_checkpoint_resumes_exactly(tmp_
     batches = [(x, teacher(x).argmax(1)) for x in torch.randn(30, 32, 6, dtype=torch.float64)]
     opt = sr.Optimizer(model, sr.Policy(sr.SENG(damping=1.0, update_every=2, sketch_size=5)), lr=0.3, momentum=0.5, clip=None)
 
-    def train(model, opt, batches):
-        losses = []
-        for x, y in batches:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
-
-    losses = train(model, opt, batches[:20])
+    losses = train_steps(model, opt, batches[:20])
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.6 * losses[0]
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
-    rest = train(model, opt, batches[20:])
+    rest = train_steps(model, opt, batches[20:])
     resumed_model = copy.deepcopy(model)
     state = torch.load(path, weights_only=True)
     resumed_model.load_state_dict(state["model"])
     resumed = sr.Optimizer(resumed_model, sr.Policy(sr.SENG(damping=1.0, update_every=2, sketch_size=5)), lr=0.3, momentum=0.5, clip=None)
     resumed.load_state_dict(state["opt"])
-    assert train(resumed_model, resumed, batches[20:]) == rest
+    assert train_steps(resumed_model, resumed, batches[20:]) == rest
 
 
 def test_loss_scale_is_undone_exactly():

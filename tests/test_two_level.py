@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import singd_rkfac as sr
-from conftest import classification_batch, mlp
+from conftest import classification_batch, mlp, train_steps
 from precision._common import HostSyncCounter
 from test_seng import flat_layer, per_sample_gradients
 
@@ -154,13 +154,7 @@ def test_every_coarse_space_trains_finitely(coarse, fine):
     if fine == "mixed":
         policy = sr.Policy(sr.SINGD(update_every=1, lr_cov=0.05), rules=[("2", sr.BKFAC(rank=3)), ("4", sr.SENG())])
     opt = sr.Optimizer(model, policy, lr=0.1, momentum=0.5, two_level=sr.TwoLevel(coarse=coarse, update_every=2))
-    losses = []
-    for x, y in _digits_like(25):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, opt, _digits_like(25))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-5:]) < 0.7 * sum(losses[:5])
     assert opt.preconditioner.two_level.refreshes == 13
