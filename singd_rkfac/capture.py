@@ -53,7 +53,8 @@ class LayerCapture:
         approx: row layout, ``"expand"``, ``"reduce"`` or ``"sample"`` (`share_weights`).
         dtype: dtype of the rows handed to ``sink`` (the curvature's dtype).
         sink: ``sink(a, g)`` with ``a`` ``(m, d_a)`` and ``g`` ``(m, d_g)`` (``"sample"``:
-            ``(batch, positions, d)``).
+            ``(batch, positions, d)``); a layer whose ``A`` is diagonal by construction
+            (`LayerDims.diagonal_a`) hands over ``a`` as ``diag(aᵀa)``, ``(d_a,)``.
         passes: the root model's forward-pass counter.
     """
 
@@ -111,7 +112,7 @@ class LayerCapture:
             grad_output = grad_output * self.g_prescale.to(grad_output.device)
         g = self.layer.output_rows(grad_output, self.approx, self.dtype)
         self.sink(a, g)
-        self._rows += a.shape[0]
+        self._rows += g.shape[0]
         if forward != self._last_counted:
             self._last_counted = forward
             self._samples += self.layer.batch_size(inputs)

@@ -4,14 +4,18 @@ A `Policy` is a default method plus an ordered list of rules. A rule
 matches a module by a glob on its qualified name, by its class, or by a
 callable ``(name, module) -> bool``; the first matching rule wins, and
 supported layers that no rule matches get the default. Modules that own
-parameters but cannot be managed (norm layers, unsupported types) go to the
-optimizer's fallback rule.
+parameters but cannot be managed go to the optimizer's fallback rule: norm
+layers (by design, silently); unsupported types, ``nn.MultiheadAttention``
+(its projections are used through the functional path), parameters shared
+by several modules (tied weights) and the layers of a ``batch_first=False``
+transformer layer (with one warning at construction).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import sys
+from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -51,6 +55,9 @@ NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
     )
     if cls is not None
 )
+
+#: Transformer layers whose ``batch_first`` decides the layout of their sublayers' inputs.
+TRANSFORMER_LAYERS: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def _type_matches(module: nn.Module, type_name: str) -> bool:
@@ -140,6 +147,79 @@ def _owns_trainable_parameters(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+@dataclass(frozen=True)
+class _ModelFacts:
+    """What classifying one module needs to know about the whole model.
+
+    Attributes:
+        functional: ``id(out_proj)`` → name of the ``nn.MultiheadAttention`` that
+            uses its weight functionally (the module itself is never called).
+        owners: ``id(parameter)`` → names of the modules that own it (several: tied).
+        seq_first: ``id(module)`` → name of the ``batch_first=False`` transformer
+            layer it belongs to.
+    """
+
+    functional: dict[int, str]
+    owners: dict[int, list[str]]
+    seq_first: dict[int, str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "_ModelFacts":
+        functional, owners, seq_first = {}, defaultdict(list), {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.MultiheadAttention):
+                functional[id(module.out_proj)] = name
+            if isinstance(module, TRANSFORMER_LAYERS) and not module.self_attn.batch_first:
+                seq_first.update({id(sub): name for sub in module.modules()})
+            for param in module.parameters(recurse=False):
+                if param.requires_grad:
+                    owners[id(param)].append(name)
+        return cls(functional, dict(owners), seq_first)
+
+    def tied_with(self, name: str, module: nn.Module) -> list[str]:
+        """Other modules owning a parameter of ``module`` (tied weights), in model order."""
+        others = [other for p in module.parameters(recurse=False) for other in self.owners.get(id(p), ()) if other != name]
+        return list(dict.fromkeys(others))
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds, so layer names are the model's own (no ``_orig_mod.``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded whenever a compiled module exists
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def _fallback(
+    name: str, module: nn.Module, method: Method, cls: type[Layer] | None, facts: _ModelFacts
+) -> tuple[str, bool] | None:
+    """``(note, warn)`` when ``module`` goes to the fallback rule, ``None`` when ``method`` manages it."""
+    tied = facts.tied_with(name, module)
+    if tied:  # before Skip: one managed user would precondition the sum of both uses' gradients
+        others = ", ".join(repr(other) for other in tied)
+        return f"a parameter is shared with {others} (tied weights): fallback rule, updated once", True
+    if isinstance(method, Skip):
+        return "skipped by policy", False
+    if isinstance(module, NORM_TYPES):
+        return "normalisation layer", False
+    if id(module) in facts.functional:
+        return f"weight used functionally by nn.MultiheadAttention {facts.functional[id(module)]!r} (module never called)", False
+    if isinstance(module, nn.MultiheadAttention):
+        return "projections used inside F.multi_head_attention_forward, out of the hooks' reach", True
+    if cls is None:
+        return f"{type(module).__name__} is not a supported layer type", True
+    if (reason := cls.unsupported_reason(module)) is not None:
+        return reason, True
+    if id(module) in facts.seq_first:
+        return (f"inside {facts.seq_first[id(module)]!r} with batch_first=False: the leading input "
+                "dimension is the sequence, not the batch (build it with batch_first=True)"), True
+    assert isinstance(method, CurvatureMethod)
+    if method.row_layout not in cls.layouts:
+        return (f"{type(module).__name__} supports the row layout(s) {', '.join(map(repr, cls.layouts))} only, "
+                f"{method.summary()} needs {method.row_layout!r}"), True
+    return None
+
+
 class Policy:
     """A default method and ordered rules: which curvature method each layer gets.
 
@@ -174,31 +254,20 @@ class Policy:
         return self.default
 
     def plan(self, model: nn.Module) -> list[LayerPlan]:
-        """A `LayerPlan` for every module that owns trainable parameters."""
-        # nn.MultiheadAttention uses out_proj's weight through the functional
-        # path and never calls the module, so no statistics could be captured.
-        functional = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        """A `LayerPlan` for every module that owns trainable parameters (of the model inside a ``torch.compile`` wrapper)."""
+        model = _uncompiled(model)
+        facts = _ModelFacts.of(model)
         plans = []
         for name, module in model.named_modules():
             if not _owns_trainable_parameters(module):
                 continue
             method = self.method_for(name, module)
             cls = layer_class(module)
-            if isinstance(method, Skip):
-                plans.append(LayerPlan(name, module, None, None, "skipped by policy"))
-            elif isinstance(module, NORM_TYPES):
-                plans.append(LayerPlan(name, module, None, None, "normalisation layer"))
-            elif id(module) in functional:
-                note = "weight used functionally by nn.MultiheadAttention (module never called)"
-                plans.append(LayerPlan(name, module, None, None, note))
-            elif cls is None:
-                note = f"{type(module).__name__} is not a supported layer type"
-                plans.append(LayerPlan(name, module, None, None, note, warn=True))
-            elif (reason := cls.unsupported_reason(module)) is not None:
-                plans.append(LayerPlan(name, module, None, None, reason, warn=True))
-            else:
-                assert isinstance(method, CurvatureMethod)
+            fallback = _fallback(name, module, method, cls, facts)
+            if fallback is None:
                 plans.append(LayerPlan(name, module, method, cls))
+            else:
+                plans.append(LayerPlan(name, module, None, None, *fallback))
         return plans
 
     def resolve(self, model: nn.Module) -> dict[str, CurvatureMethod | None]:

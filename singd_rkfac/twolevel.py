@@ -41,7 +41,9 @@ class CoarseCorrection:
 
     Args:
         config: the `TwoLevel` options.
-        layers: the preconditioner's managed layers, by name (at least one).
+        layers: the preconditioner's managed layers, by name; those whose
+            adapter cannot give per-sample rows (`Layer.layouts`, e.g.
+            Embedding) are left out of the coarse space.
         passes: the root model's forward-pass counter (for the captures).
         grad_scaler: the loop's GradScaler, if given (captured rows are unscaled like the layers' own).
         max_failures: consecutive failed factorizations before `DecompositionError`.
@@ -57,6 +59,11 @@ class CoarseCorrection:
     ) -> None:
         if not layers:
             raise ValueError("two_level needs at least one managed layer (the policy manages none)")
+        #: Layers whose adapter cannot give per-sample rows (Embedding): they keep their own direction.
+        self.excluded = [name for name, m in layers.items() if "sample" not in m.layer.layouts]
+        layers = {name: m for name, m in layers.items() if name not in self.excluded}
+        if not layers:
+            raise ValueError(f"two_level needs a managed layer with per-sample rows (none among {self.excluded})")
         self.config = config
         self.names = list(layers)
         weights = [m.layer.weight for m in layers.values()]
@@ -233,4 +240,5 @@ class CoarseCorrection:
 
     def describe(self) -> str:
         """One line for ``describe()``."""
-        return f"{self.config.summary()} over {len(self.names)} layers"
+        text = f"{self.config.summary()} over {len(self.names)} layers"
+        return text + (f" (not {', '.join(self.excluded)}: no per-sample rows)" if self.excluded else "")

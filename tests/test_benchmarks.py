@@ -196,11 +196,35 @@ def test_distributed_quick_through_the_cli(tmp_path: Path, capsys: pytest.Captur
     assert "distributed" in listed and "_distributed_ranks" not in listed  # the ranks' helper module
 
 
+
+def test_lm_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.warns(UserWarning, match="go to the fallback rule") as caught:  # attention; tied embedding and head
+        assert cli.main(["bench", "lm", *QUICK, "--out", str(tmp_path)]) == 0
+    assert any("tied weights" in str(w.message) for w in caught)
+    payload = _results(tmp_path, "lm")
+    config, raw, summary = payload["config"], payload["raw"], payload["summary"]
+    steps, vocab = config["size"]["steps"], config["size"]["vocab"]
+    assert config["methods"] == ["AdamW", "KFAC", "SINGD-bf16+KFAC-head", "BKFAC"] and set(raw) == {"untied", "tied"}
+    for tying, runs in raw.items():
+        assert 0 < runs["oracle_loss"] < math.log(vocab)  # the process is far from uniform
+        for name in config["methods"]:
+            run = runs[name]
+            assert len(run["losses"]) == steps and run["finite"] and _positive_times(run["seconds_per_step"])
+            assert run["state_bytes"] > 0 and run["final_loss"] is not None
+            if name != "AdamW":
+                assert {"blocks.0.linear1", "blocks.0.linear2", "pos"} <= set(run["managed"])
+                assert {"blocks.0.self_attn", "blocks.0.norm1", "norm"} <= set(run["fallback"])
+                assert ({"embed", "head"} <= set(run["fallback"])) == (tying == "tied")
+    rows = summary["rows"]
+    assert len(rows) == 2 * len(config["methods"])
+    assert all(r["ratio_to_adamw"] == 1.0 for r in rows if r["method"] == "AdamW")
+    assert "× AdamW" in capsys.readouterr().out
+
 # -- the bench subcommand ------------------------------------------------------------------------------
 def test_bench_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("scaling", "memory", "anchors", "lowrank"):
+    for name in ("scaling", "memory", "anchors", "lowrank", "lm"):
         assert name in out
     assert "common" not in out
 

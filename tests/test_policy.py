@@ -15,6 +15,7 @@ class Net(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2))
         self.body = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 32))
         self.embed = nn.Embedding(10, 4)
+        self.pair = nn.Bilinear(4, 4, 2)
         self.head = nn.Linear(32, 10)
 
 
@@ -34,10 +35,11 @@ def test_first_matching_rule_wins_and_matchers_work():
     assert resolved == {
         "features.0": damped,
         "features.1": None,  # normalisation layer → fallback
-        "features.3": None,  # grouped conv → fallback (not supported yet)
+        "features.3": damped,  # grouped conv: managed
         "body.0": sr.KFAC(),
         "body.1": exact,
-        "embed": None,  # unsupported type → fallback
+        "embed": sr.KFAC(),
+        "pair": None,  # unsupported type → fallback
         "head": None,  # skipped
     }
 
@@ -45,13 +47,13 @@ def test_first_matching_rule_wins_and_matchers_work():
 def test_plan_notes_say_why_a_module_falls_back():
     notes = {p.name: (p.note, p.warn) for p in sr.Policy().plan(Net())}
     assert notes["features.1"] == ("normalisation layer", False)
-    assert "groups=2" in notes["features.3"][0] and notes["features.3"][1]
-    assert notes["embed"] == ("Embedding is not a supported layer type", True)
+    assert notes["features.3"] == ("", False)  # grouped conv: managed
+    assert notes["pair"] == ("Bilinear is not a supported layer type", True)
     assert notes["body.0"] == ("", False)
 
 
 def test_unsupported_layers_warn_once_at_construction():
-    with pytest.warns(UserWarning, match=r"features\.3 \(grouped convolution.*embed \(Embedding"):
+    with pytest.warns(UserWarning, match=r"pair \(Bilinear"):
         sr.Optimizer(Net())
 
 

@@ -235,3 +235,25 @@ def test_one_host_sync_per_step_between_refreshes():
             opt.step()
         counts.append(counter.count)
     assert counts[1:] == [1, 1, 1], counts
+
+
+def test_layers_without_per_sample_rows_keep_their_own_direction():
+    """An Embedding (one-hot rows are token counts) stays out of the coarse space; the rest is corrected."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(4 * 5, 3)).double()
+
+    x, y = torch.randint(0, 20, (16, 5)), torch.randint(0, 3, (16,))
+    fine_model, model = build(), build()
+    fine = sr.Preconditioner(fine_model, sr.Policy(FINE))
+    # spectral: on a softmax head the all-ones vector is orthogonal to every gradient (Σ_k ∂ℓ/∂z_k = 0)
+    two = sr.Preconditioner(model, sr.Policy(FINE), two_level=sr.TwoLevel(coarse="spectral", update_every=1))
+    assert two.two_level.names == ["2"] and two.two_level.excluded == ["0"]
+    for m, pre in ((fine_model, fine), (model, two)):
+        gradients(m, (x, y))
+        pre.step()
+    torch.testing.assert_close(model[0].weight.grad, fine_model[0].weight.grad, rtol=0, atol=0)
+    assert not torch.allclose(model[2].weight.grad, fine_model[2].weight.grad)
+    assert "(not 0: no per-sample rows)" in two.describe()
+    with pytest.raises(ValueError, match="per-sample rows"):
+        sr.Preconditioner(build(), sr.Policy(FINE, rules=[("2", sr.Skip())]), two_level=sr.TwoLevel())

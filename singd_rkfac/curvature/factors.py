@@ -4,6 +4,8 @@ A `Factor` owns the running statistics of one side (A or G) of a layer and
 an *inverse representation* refreshed by `decompose`:
 
 * `DenseFactor` — the EA factor (``d × d``) and an eigh/Cholesky inverse (K-FAC);
+* `DiagonalFactor` — a factor that is diagonal by construction (one-hot
+  inputs, `LayerDims.diagonal_a`): ``d`` numbers, whatever the method;
 * `SketchedFactor` — the EA factor and a randomized low-rank eigendecomposition
   (R-KFAC, SRE-KFAC, Nyström);
 * `BrandFactor` (in ``brand.py``) — Brand's online low-rank update, no ``d × d``.
@@ -34,7 +36,7 @@ from ..linalg import (
 )
 from ..methods import KFAC, SketchedKFAC
 
-__all__ = ["Factor", "DenseFactor", "SketchedFactor", "Inverse", "adapted_rank", "layer_generator", "take"]
+__all__ = ["Factor", "DenseFactor", "DiagonalFactor", "SketchedFactor", "Inverse", "adapted_rank", "layer_generator", "take"]
 
 
 class Inverse(NamedTuple):
@@ -165,7 +167,9 @@ class Factor(ABC):
         if matrix is not None:
             state[f"{prefix}_inverse"] = matrix
         if eigen is not None:
-            state[f"{prefix}_eigenvalues"], state[f"{prefix}_eigenvectors"] = eigen.values, eigen.vectors
+            state[f"{prefix}_eigenvalues"] = eigen.values
+            if eigen.vectors is not None:  # None: a diagonal factor
+                state[f"{prefix}_eigenvectors"] = eigen.vectors
             if eigen.complement is not None:
                 state[f"{prefix}_complement"] = eigen.complement
         if damping is not None:
@@ -221,7 +225,7 @@ class DenseFactor(Factor):
     def exchange(self, exchange: Any, weight: float | Tensor, rows_per_rank: list[int]) -> None:
         staged = self.staged
         if staged is None:  # nothing captured on this rank: it adds zeros
-            staged = torch.zeros(self.dim, self.dim, device=self.device, dtype=self.dtype)
+            staged = torch.zeros_like(self.value)
         elif not (isinstance(weight, float) and weight == 1.0):
             staged = staged.mul_(weight.to(staged.dtype) if isinstance(weight, Tensor) else weight)
         exchange.all_reduce([staged], self._set_staged)
@@ -250,6 +254,29 @@ class DenseFactor(Factor):
         self.value = take(state, prefix, self.value)
         self.initialized = take(state, f"{prefix}_initialized", self.initialized)
         super().load(state, prefix)
+
+
+class DiagonalFactor(DenseFactor):
+    """A factor that is diagonal by construction: its diagonal ``(d,)`` is the whole state.
+
+    `accumulate` takes ``diag(rowsᵀrows)`` (``(d,)``, e.g. token counts of
+    one-hot rows) instead of the rows; the running average and its
+    finiteness guard are `DenseFactor`'s, on the vector. The inverse is the
+    diagonal itself (``Eigen(values, vectors=None)``), under either damping.
+    """
+
+    def __init__(self, dim: int, config: KFAC, **kwargs: Any) -> None:
+        super().__init__(dim, config, **kwargs)
+        self.value = torch.zeros(dim, device=self.device, dtype=self.dtype)
+
+    def accumulate(self, rows: Tensor) -> None:
+        self.staged = rows.clone() if self.staged is None else self.staged.add_(rows)
+
+    def mean_eigenvalue(self) -> Tensor:
+        return self.value.mean()
+
+    def decompose(self, damping: Tensor | None, step: int) -> Inverse | None:
+        return Inverse(eigen=Eigen(self.value.clamp_min(0.0), None), damping=damping)
 
 
 def layer_generator(device: torch.device, seed_text: str) -> torch.Generator:

@@ -4,7 +4,9 @@
 (exact damping, from both eigen-representations). Each side is a `Factor`
 chosen by the method's ``a`` / ``g`` fields: dense eigh/Cholesky (K-FAC),
 randomized sketches (R-KFAC, SRE-KFAC, Nyström) or Brand's online update
-(B-KFAC, B-R-KFAC, B-KFAC-c). DESIGN §3.1, §3.2.
+(B-KFAC, B-R-KFAC, B-KFAC-c). DESIGN §3.1, §3.2. A side that is diagonal by
+construction (`LayerDims.diagonal_a`, embeddings) is a `DiagonalFactor`
+whatever the representation asked for: ``d`` numbers, exact.
 """
 
 from __future__ import annotations
@@ -20,16 +22,24 @@ from ..linalg import SKETCHES, FailureTracker, exact_damped_solve
 from ..methods import BKFACC, BRKFAC, KFAC, LowRankKFAC
 from .base import BatchCounts, Curvature
 from .brand import BrandFactor
-from .factors import DenseFactor, Factor, SketchedFactor
+from .factors import DenseFactor, DiagonalFactor, Factor, SketchedFactor
 
 __all__ = ["KFACCurvature", "make_factor", "factor_note"]
 
 SIDES = ("a", "g")
 PREFIXES = {"a": "A", "g": "G"}
+DIAGONAL_NOTE = "diagonal (one-hot input)"
 
 
-def factor_note(config: KFAC, dim: int) -> str:
+def factor_sides(dims: LayerDims) -> tuple[tuple[str, int, bool], ...]:
+    """``(side, dimension, diagonal by construction)`` of a layer's two factors."""
+    return ("a", dims.d_a, dims.diagonal_a), ("g", dims.d_g, False)
+
+
+def factor_note(config: KFAC, dim: int, diagonal: bool = False) -> str:
     """What ``describe()`` says about one factor before training (empty when unremarkable)."""
+    if diagonal:
+        return DIAGONAL_NOTE
     if not isinstance(config, LowRankKFAC):
         return ""
     if config.rank >= dim:
@@ -39,16 +49,20 @@ def factor_note(config: KFAC, dim: int) -> str:
     return f"brand rank {config.rank} (exact if rank + rows >= {dim})"
 
 
-def make_factor(config: KFAC, dim: int, *, seed_text: str, device: torch.device, dtype: torch.dtype) -> Factor:
-    """The factor implementing ``config``'s representation for a ``dim``-wide side."""
+def make_factor(
+    config: KFAC, dim: int, *, seed_text: str, device: torch.device, dtype: torch.dtype, diagonal: bool = False
+) -> Factor:
+    """The factor implementing ``config``'s representation for a ``dim``-wide side (``diagonal``: by construction)."""
     factory = {"device": device, "dtype": dtype}
-    if not isinstance(config, LowRankKFAC) or config.rank >= dim:
-        factor: Factor = DenseFactor(dim, config, **factory)
+    if diagonal:
+        factor: Factor = DiagonalFactor(dim, config, **factory)
+    elif not isinstance(config, LowRankKFAC) or config.rank >= dim:
+        factor = DenseFactor(dim, config, **factory)
     elif config.representation in SKETCHES:
         factor = SketchedFactor(dim, config, seed_text=seed_text, **factory)
     else:
         factor = BrandFactor(dim, config, seed_text=seed_text, **factory)
-    factor.note = factor_note(config, dim)
+    factor.note = factor_note(config, dim, diagonal)
     return factor
 
 
@@ -56,12 +70,14 @@ def make_factor(config: KFAC, dim: int, *, seed_text: str, device: torch.device,
 MODEL_ROWS = 128
 
 
-def factor_bytes(config: KFAC, dim: int, exact: bool, inverse_every: int) -> int:
+def factor_bytes(config: KFAC, dim: int, exact: bool, inverse_every: int, diagonal: bool = False) -> int:
     """Elements of persistent state one factor of ``dim`` holds (DESIGN §3.6 memory column).
 
     ``inverse_every`` is the layer's (the outer method's) period: above 1 a
     Brand factor keeps the previous basis for preconditioning too.
     """
+    if diagonal:
+        return 2 * dim  # running diagonal + the snapshot it is inverted from
     if not isinstance(config, LowRankKFAC) or config.rank >= dim:
         return 2 * dim * dim + (dim if exact else 0)  # EA factor + inverse (or eigenvectors and values)
     kept = config.rank * (dim + 1)
@@ -72,12 +88,14 @@ def factor_bytes(config: KFAC, dim: int, exact: bool, inverse_every: int) -> int
     return snapshots * kept + periodic
 
 
-def factor_cost(config: KFAC, dim: int, other: int, periods: KFAC) -> float:
+def factor_cost(config: KFAC, dim: int, other: int, periods: KFAC, diagonal: bool = False) -> float:
     """Flops per step of one factor (statistics, decomposition, its half of the application).
 
     ``config`` is the factor's representation; ``periods`` the layer's method,
     whose ``stats_every`` / ``inverse_every`` schedule it.
     """
+    if diagonal:
+        return MODEL_ROWS / periods.stats_every + dim / periods.inverse_every + dim * other
     if not isinstance(config, LowRankKFAC) or config.rank >= dim:
         return MODEL_ROWS * dim**2 / periods.stats_every + 10.0 * dim**3 / periods.inverse_every + dim**2 * other
     rank, apply = config.rank, 2.0 * config.rank * dim * other
@@ -104,9 +122,10 @@ class KFACCurvature(Curvature):
         super().__init__(method, dims, **kwargs)
         self.factors: dict[str, Factor] = {
             side: make_factor(
-                method.factor(side), dim, seed_text=f"{self.name}/{side}", device=self.device, dtype=self.dtype
+                method.factor(side), dim, seed_text=f"{self.name}/{side}", device=self.device, dtype=self.dtype,
+                diagonal=diagonal,
             )
-            for side, dim in (("a", dims.d_a), ("g", dims.d_g))
+            for side, dim, diagonal in factor_sides(dims)
         }
         self.exact = method.damping_mode == "exact"
         self.folds = 0
@@ -229,7 +248,7 @@ class KFACCurvature(Curvature):
 
     @classmethod
     def describe_note(cls, method: KFAC, dims: LayerDims) -> str:
-        notes = {side: factor_note(method.factor(side), dim) for side, dim in (("a", dims.d_a), ("g", dims.d_g))}
+        notes = {side: factor_note(method.factor(side), dim, diagonal) for side, dim, diagonal in factor_sides(dims)}
         return "; ".join(f"{PREFIXES[side]}: {text}" for side, text in notes.items() if text)
 
     def state_dict(self) -> dict[str, Any]:
@@ -255,8 +274,12 @@ class KFACCurvature(Curvature):
     def estimate_bytes(cls, method: KFAC, dims: LayerDims, dtype: torch.dtype) -> int:
         size = torch.empty((), dtype=dtype).element_size()
         exact = method.damping_mode == "exact"
-        return size * sum(factor_bytes(method.factor(side), dim, exact, method.inverse_every) for side, dim in (("a", dims.d_a), ("g", dims.d_g)))
+        return size * sum(
+            factor_bytes(method.factor(side), dim, exact, method.inverse_every, diagonal)
+            for side, dim, diagonal in factor_sides(dims)
+        )
 
     @classmethod
     def cost(cls, method: KFAC, dims: LayerDims) -> float:
-        return factor_cost(method.factor("a"), dims.d_a, dims.d_g, method) + factor_cost(method.factor("g"), dims.d_g, dims.d_a, method)
+        other = {"a": dims.d_g, "g": dims.d_a}
+        return sum(factor_cost(method.factor(side), dim, other[side], method, diagonal) for side, dim, diagonal in factor_sides(dims))

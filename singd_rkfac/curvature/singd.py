@@ -13,6 +13,11 @@ normalized). The preconditioned gradient is ``C Cᵀ ∇W K Kᵀ``. All of it ru
 in the method's ``dtype`` (bf16/fp16 allowed); the staged ``H`` terms of an
 fp16 layer are kept in fp32 until they are averaged. An update whose result
 is not finite is dropped by ``torch.where`` — no host sync, no NaN in state.
+
+A layer whose ``A`` is diagonal by construction (`LayerDims.diagonal_a`,
+embeddings) gets a diagonal ``K`` whatever the structure asked for: the IKFAC
+fixed point ``K Kᵀ = (A + λI)⁻¹`` is then diagonal too, and ``a`` arrives as
+``diag(aᵀa)``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,15 @@ from torch import Tensor
 
 from ..layers import LayerDims
 from ..methods import SINGD
-from ..structures import StructuredMatrix
+from ..structures import Diagonal, Structure, StructuredMatrix
 from .base import BatchCounts, Curvature
 
-__all__ = ["SINGDCurvature"]
+__all__ = ["SINGDCurvature", "k_structure"]
+
+
+def k_structure(method: SINGD, dims: LayerDims) -> Structure:
+    """The structure of ``K``: the method's, or diagonal when ``A`` is diagonal by construction."""
+    return Diagonal() if dims.diagonal_a else method.k_structure
 
 
 class SINGDCurvature(Curvature):
@@ -39,7 +49,7 @@ class SINGDCurvature(Curvature):
     def __init__(self, method: SINGD, dims: LayerDims, **kwargs: Any) -> None:
         super().__init__(method, dims, **kwargs)
         factory = {"dtype": self.dtype, "device": self.device}
-        self.K = method.k_structure.eye(dims.d_a, **factory)
+        self.K = k_structure(method, dims).eye(dims.d_a, **factory)
         self.C = method.c_structure.eye(dims.d_g, **factory)
         self.alpha1 = method.momentum
         self.m_K = self.K.zeros_like() if self.alpha1 else None
@@ -59,7 +69,9 @@ class SINGDCurvature(Curvature):
 
     # -- statistics -------------------------------------------------------------
     def accumulate(self, a: Tensor, g: Tensor) -> None:
-        h_k = self.K.project_gram(self.K.rmatmat(a.T).to(self.stage_dtype))
+        # diagonal A: a = diag(aᵀa); with K diagonal, Π(Kᵀ diag(a) K) is what the one column √a gives
+        columns = a.sqrt().unsqueeze(1) if self.dims.diagonal_a else a.T
+        h_k = self.K.project_gram(self.K.rmatmat(columns).to(self.stage_dtype))
         h_c = self.C.project_gram(self.C.rmatmat(g.T).to(self.stage_dtype))
         self.H_K = h_k if self.H_K is None else self.H_K.add_(h_k)
         self.H_C = h_c if self.H_C is None else self.H_C.add_(h_c)
@@ -204,8 +216,8 @@ class SINGDCurvature(Curvature):
 
     @classmethod
     def describe_note(cls, method: SINGD, dims: LayerDims) -> str:
-        k, c = method.k_structure, method.c_structure
-        notes = [f"K {k.summary()}, C {c.summary()}"]
+        k, c = k_structure(method, dims), method.c_structure
+        notes = [f"K {k.summary()}{' (one-hot input)' if dims.diagonal_a else ''}, C {c.summary()}"]
         notes += [f"{side}: {note}" for side, note in (("K", k.clip_note(dims.d_a)), ("C", c.clip_note(dims.d_g))) if note]
         return "; ".join(notes)
 
@@ -213,12 +225,12 @@ class SINGDCurvature(Curvature):
     def estimate_bytes(cls, method: SINGD, dims: LayerDims, dtype: torch.dtype) -> int:
         size = torch.empty((), dtype=dtype).element_size()
         copies = 2 if method.momentum else 1
-        return size * copies * (method.k_structure.numel(dims.d_a) + method.c_structure.numel(dims.d_g))
+        return size * copies * (k_structure(method, dims).numel(dims.d_a) + method.c_structure.numel(dims.d_g))
 
     @classmethod
     def cost(cls, method: SINGD, dims: LayerDims) -> float:
         d_a, d_g = dims.d_a, dims.d_g
-        n_k, n_c = method.k_structure.numel(d_a), method.c_structure.numel(d_g)
+        n_k, n_c = k_structure(method, dims).numel(d_a), method.c_structure.numel(d_g)
         apply = 2.0 * (n_k * d_g + n_c * d_a)  # K Kᵀ on d_g columns, C Cᵀ on d_a columns
         update = 4.0 * (n_k * d_a + n_c * d_g) / method.update_every  # Π(KᵀK), K m_K, the H terms
         return apply + update

@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Layer, LayerDims, share_weights
-from .conv import Conv2dLayer
+from .conv import ConvLayer
+from .embedding import EmbeddingLayer
 from .linear import LinearLayer
 
-__all__ = ["Layer", "LayerDims", "LinearLayer", "Conv2dLayer", "layer_class", "share_weights"]
+__all__ = ["Layer", "LayerDims", "LinearLayer", "ConvLayer", "EmbeddingLayer", "layer_class", "share_weights"]
 
 #: Supported module families; the first whose types match a module wins.
-LAYER_CLASSES: tuple[type[Layer], ...] = (LinearLayer, Conv2dLayer)
+LAYER_CLASSES: tuple[type[Layer], ...] = (LinearLayer, ConvLayer, EmbeddingLayer)
 
 
 def layer_class(module: nn.Module) -> type[Layer] | None:

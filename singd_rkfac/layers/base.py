@@ -26,11 +26,15 @@ class LayerDims:
         d_a: input-side dimension (fan-in, +1 for a trainable bias).
         d_g: output-side dimension (fan-out).
         has_bias: whether the last column of ``a`` is the constant 1.
+        diagonal_a: whether ``A`` is diagonal by construction (one-hot inputs,
+            `EmbeddingLayer`): ``a`` is then handed over as ``diag(aᵀa)``, a
+            ``(d_a,)`` vector, and the curvature keeps ``A`` as ``d_a`` numbers.
     """
 
     d_a: int
     d_g: int
     has_bias: bool
+    diagonal_a: bool = False
 
 
 def share_weights(features: Tensor, layout: str, pool: str) -> Tensor:
@@ -54,6 +58,8 @@ class Layer(ABC):
 
     #: Module classes (and their subclasses) this adapter handles.
     module_types: tuple[type[nn.Module], ...] = ()
+    #: Row layouts (`share_weights`) this adapter can produce.
+    layouts: tuple[str, ...] = ("expand", "reduce", "sample")
 
     def __init__(self, module: nn.Module) -> None:
         reason = self.unsupported_reason(module)
@@ -96,16 +102,20 @@ class Layer(ABC):
         """Number of samples in one call's input (its leading dimension)."""
         return x.shape[0]
 
+    def share(self, features: Tensor, layout: str, pool: str) -> Tensor:
+        """Rows of this layer's features under ``layout`` (`share_weights`; conv groups pool differently)."""
+        return share_weights(features, layout, pool)
+
     def input_rows(self, x: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
         """Factor rows ``a`` of one call: ``(rows, d_a)`` in ``dtype`` (``(batch, positions, d_a)`` for ``"sample"``)."""
-        rows = share_weights(self.input_features(x.to(dtype)), layout, "mean")
+        rows = self.share(self.input_features(x.to(dtype)), layout, "mean")
         if self.bias is not None:
             rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
         return rows
 
     def output_rows(self, grad_output: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
         """Factor rows ``g`` of one call: ``(rows, d_g)`` in ``dtype`` (not yet scaled; 3-D for ``"sample"``)."""
-        return share_weights(self.output_features(grad_output.to(dtype)), layout, "sum")
+        return self.share(self.output_features(grad_output.to(dtype)), layout, "sum")
 
     def grad_matrix(self) -> Tensor | None:
         """``[∇W | ∇b]`` as a ``(d_g, d_a)`` matrix, or ``None`` without a gradient."""

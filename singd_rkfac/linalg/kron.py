@@ -5,8 +5,9 @@ A factor ``F`` (``d × d``, symmetric PSD) is represented by
 with ``U`` (``d × r``, orthonormal columns) and eigenvalues ``s`` (``r``,
 ascending, like ``torch.linalg.eigh``). ``complement`` is ``s⊥`` as a 0-d
 tensor, or ``None`` when ``U`` is square and spans everything (the exact,
-dense case). Damped inverses are applied in O(d·r·k) for a ``d × k`` input,
-never forming ``d × d``.
+dense case). A diagonal factor has ``vectors=None`` (its eigenbasis is the
+standard basis) and ``values`` its diagonal. Damped inverses are applied in
+O(d·r·k) for a ``d × k`` input, never forming ``d × d``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class Eigen(NamedTuple):
     """``F ≈ U diag(values) Uᵀ + complement·(I − U Uᵀ)``.
 
     Attributes:
-        values: ``(r,)`` eigenvalues, ascending, ``≥ 0``.
-        vectors: ``(d, r)`` orthonormal eigenvectors.
+        values: ``(r,)`` eigenvalues, ascending, ``≥ 0`` (a diagonal factor: its diagonal, in order).
+        vectors: ``(d, r)`` orthonormal eigenvectors, or ``None`` for a diagonal factor.
         complement: eigenvalue assumed on the orthogonal complement of ``U``
             (0-d tensor), or ``None`` when ``r == d``.
     """
@@ -62,6 +63,8 @@ def damped_inverse_apply(x: Tensor, eigen: Eigen, damping: Tensor | float, side:
     """
     values, vectors, complement = eigen
     inverse = 1.0 / (values + damping)
+    if vectors is None:  # diagonal factor
+        return x * inverse if side == "right" else inverse.unsqueeze(1) * x
     if complement is None:
         if side == "right":
             return ((x @ vectors) * inverse) @ vectors.T
@@ -89,10 +92,13 @@ def exact_damped_solve(grad: Tensor, eig_g: Eigen, eig_a: Eigen, damping: float)
     operator is diagonal: each block of ``grad`` is divided by
     ``s_G s_Aᵀ + λ`` with the complement eigenvalue standing in for discarded
     modes. Cost O(d_g·d_a·(r_A + r_G)); dense eigens reduce to
-    ``Q_G [(Q_Gᵀ ∇ Q_A) / (s_G s_Aᵀ + λ)] Q_Aᵀ``.
+    ``Q_G [(Q_Gᵀ ∇ Q_A) / (s_G s_Aᵀ + λ)] Q_Aᵀ``. A diagonal ``A``
+    (``eig_a.vectors is None``) has ``Q_A = I``.
     """
     s_g, u_g, c_g = eig_g
     s_a, u_a, c_a = eig_a
+    if u_a is None:
+        return _solve_diagonal_a(grad, eig_g, s_a, damping)
     if c_a is None:
         kept_a, rest_a = grad @ u_a, None
     else:
@@ -110,4 +116,14 @@ def exact_damped_solve(grad: Tensor, eig_g: Eigen, eig_a: Eigen, damping: float)
         kept_rest, rest_rest = _split(rest_a, u_g, "left")
         result += u_g @ (kept_rest / (s_g * c_a + damping).unsqueeze(1))
         result += rest_rest / (c_g * c_a + damping)
+    return result
+
+
+def _solve_diagonal_a(grad: Tensor, eig_g: Eigen, s_a: Tensor, damping: float) -> Tensor:
+    """`exact_damped_solve` for ``A = diag(s_a)``: column ``j`` of ``grad`` is solved by ``(s_a[j]·G + λI)⁻¹``."""
+    s_g, u_g, c_g = eig_g
+    coords = u_g.T @ grad
+    result = u_g @ (coords / (s_g.unsqueeze(1) * s_a.unsqueeze(0) + damping))
+    if c_g is not None:  # G's discarded modes carry its complement eigenvalue
+        result += (grad - u_g @ coords) / (c_g * s_a + damping)
     return result
