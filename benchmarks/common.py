@@ -228,12 +228,19 @@ _LOWRANK_COLOURS = {"RKFAC": "navy", "SREKFAC": "teal", "NystromKFAC": "darkviol
                     "BRKFAC": "darkorange", "BKFACC": "olivedrab"}
 
 
+#: The literature's relatives: SENG and two-level K-FAC (any coarse space), dashed, diamonds.
+_RELATIVE_COLOURS = {"SENG": "magenta", "KFAC-2L": "saddlebrown", "KFAC-2L-nicolaides": "saddlebrown",
+                     "KFAC-2L-spectral": "darkcyan", "KFAC-2L-residual": "goldenrod"}
+
+
 def method_style(name: str) -> dict[str, Any]:
     """Plot style of a `method_factories` label: one colour per family, dashed for bf16/fp16 factors."""
     if name in _BASELINE_STYLE:
         return dict(_BASELINE_STYLE[name], marker="s")
     if name in _LOWRANK_COLOURS:
         return {"color": _LOWRANK_COLOURS[name], "linestyle": "-.", "marker": "^"}
+    if name in _RELATIVE_COLOURS:
+        return {"color": _RELATIVE_COLOURS[name], "linestyle": "--", "marker": "D", "markersize": 4}
     low = name.endswith(("-bf16", "-fp16"))
     family = name.rsplit("-", 1)[0] if low else name
     families = ["KFAC", *[f"SINGD-{label}" for label in SINGD_STRUCTURES]]
