@@ -276,12 +276,44 @@ class Preconditioner:
         ``direction``: the preconditioned gradient computed elsewhere (MEM-OPT:
         by the layer's owner), used instead of applying the curvature here.
         """
+        if direction is None and self._scale_in_place(m, inner_products, inner):
+            return
         grad = self.layer_gradient(m)
         if grad is None:
             return
         if direction is None:
             direction = m.curvature.precondition(grad)
         self.write_direction(m, grad, direction, inner_products, inner)
+
+    @staticmethod
+    def _scale_in_place(m: ManagedLayer, inner_products: bool, inner: dict[str, Tensor]) -> bool:
+        """``∇ ← diag(r)² ∇ diag(c)²`` on the gradient's own memory when the curvature allows it.
+
+        Returns whether it did. ``⟨V, ∇⟩ = ‖diag(r) ∇ diag(c)‖²`` is read
+        halfway. fp16 gradients take the copying path, which stages in fp32.
+        """
+        factors = m.curvature.elementwise_factors()
+        parts = m.layer.grad_parts() if factors is not None and m.curvature.ready else None
+        if parts is None or parts[0].dtype == torch.float16:
+            return False
+        weight, bias = parts
+        rows, cols = (f.to(weight.dtype) for f in factors)  # type: ignore[union-attr]
+        d_in = weight.shape[1]
+
+        def scale(r: Tensor, c: Tensor) -> None:
+            weight.mul_(c[:d_in]).mul_(r.unsqueeze(1))
+            if bias is not None:
+                bias.mul_(r * c[d_in])
+
+        if not inner_products:
+            scale(rows.square(), cols.square())
+            return True
+        scale(rows, cols)
+        flat = weight.reshape(-1) if weight.is_contiguous() else weight.T.reshape(-1)
+        total = torch.dot(flat, flat) + (torch.dot(bias, bias) if bias is not None else 0.0)
+        inner[m.name] = total.to(torch.promote_types(total.dtype, torch.float32))
+        scale(rows, cols)
+        return True
 
     def skip(self) -> None:
         """Drop the statistics captured since the last step; change nothing else."""

@@ -238,3 +238,46 @@ def test_structure_objects_and_separate_output_structure():
     assert method.k_structure == sr.structures.Hierarchical(2, 3)
     assert method.c_structure == sr.structures.Toeplitz(lower=False)
     assert sr.SINGD().momentum == 0.5 and sr.SINGD(kfac_like=True).momentum == 0.0
+
+
+# -- the in-place elementwise path of diagonal SINGD ------------------------------------------------
+class _TokensAndFeatures(nn.Module):
+    """An Embedding, a Linear with bias and a Conv2d: every `Layer.grad_parts` variant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(4 + 3 * 16, 5)
+
+    def forward(self, tokens, images):
+        features = torch.cat([self.embed(tokens).mean(1), self.conv(images).flatten(1)], dim=1)
+        return self.head(torch.tanh(features))
+
+
+@pytest.mark.parametrize("inner_products", [False, True], ids=["no-clip", "clip"])
+def test_diagonal_in_place_scaling_equals_the_matrix_path(inner_products):
+    """Diagonal K and C scale ``[∇W | ∇b]`` in place: the same direction and ``⟨V, ∇⟩`` as
+    ``C Cᵀ [∇W | ∇b] K Kᵀ`` formed on a copied matrix (float64)."""
+    torch.manual_seed(0)
+    model = _TokensAndFeatures().double()
+    pre = sr.Preconditioner(model, sr.Policy(sr.SINGD(structure="diagonal", update_every=1, lr_cov=0.5)))
+    tokens, images = torch.randint(0, 7, (6, 3)), torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    for _ in range(3):  # K, C move away from the identity
+        model.zero_grad()
+        model(tokens, images).square().sum().backward()
+        pre.precondition()
+    model.zero_grad()
+    model(tokens, images).square().sum().backward()
+    for m in pre.layers.values():  # the next update must not change K, C: compare against them after it
+        m.capture.active = False
+    grads = {name: m.layer.grad_matrix().clone() for name, m in pre.layers.items()}
+    inner = pre.precondition(inner_products=inner_products)
+    for name, m in pre.layers.items():
+        assert not torch.equal(m.curvature.K.diag, torch.ones_like(m.curvature.K.diag))
+        want = m.curvature.precondition(grads[name])
+        torch.testing.assert_close(m.layer.grad_matrix(), want, rtol=1e-13, atol=0)
+        if inner_products:
+            torch.testing.assert_close(inner[name], torch.vdot(want.reshape(-1), grads[name].reshape(-1)), rtol=1e-12, atol=0)
+        else:
+            assert name not in inner

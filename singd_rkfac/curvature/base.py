@@ -119,6 +119,15 @@ class Curvature(ABC):
     def precondition(self, grad: Tensor) -> Tensor:
         """Preconditioned ``(d_g, d_a)`` gradient matrix, in ``self.dtype``."""
 
+    def elementwise_factors(self) -> tuple[Tensor, Tensor] | None:
+        """``(r, c)``, shapes ``(d_g,)`` and ``(d_a,)``, when the preconditioned gradient is
+        ``diag(r)² ∇ diag(c)²`` (diagonal SINGD); ``None`` otherwise.
+
+        The preconditioner then scales the gradient in place (`Layer.grad_parts`)
+        instead of copying it into a matrix and back: no gradient-sized temporaries.
+        """
+        return None
+
     # -- state --------------------------------------------------------------
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

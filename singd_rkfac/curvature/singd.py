@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..layers import LayerDims
 from ..methods import SINGD
-from ..structures import Diagonal, Structure, StructuredMatrix
+from ..structures import Diagonal, DiagonalMatrix, Structure, StructuredMatrix
 from .base import BatchCounts, Curvature
 
 __all__ = ["SINGDCurvature", "k_structure"]
@@ -71,8 +71,8 @@ class SINGDCurvature(Curvature):
     def accumulate(self, a: Tensor, g: Tensor) -> None:
         # diagonal A: a = diag(aᵀa); with K diagonal, Π(Kᵀ diag(a) K) is what the one column √a gives
         columns = a.sqrt().unsqueeze(1) if self.dims.diagonal_a else a.T
-        h_k = self.K.project_gram(self.K.rmatmat(columns).to(self.stage_dtype))
-        h_c = self.C.project_gram(self.C.rmatmat(g.T).to(self.stage_dtype))
+        h_k = self.K.from_inner(columns, self.stage_dtype)
+        h_c = self.C.from_inner(g.T, self.stage_dtype)
         self.H_K = h_k if self.H_K is None else self.H_K.add_(h_k)
         self.H_C = h_c if self.H_C is None else self.H_C.add_(h_c)
 
@@ -182,6 +182,11 @@ class SINGDCurvature(Curvature):
     @property
     def ready(self) -> bool:
         return True  # K = C = I is a valid (identity) preconditioner
+
+    def elementwise_factors(self) -> tuple[Tensor, Tensor] | None:
+        if isinstance(self.K, DiagonalMatrix) and isinstance(self.C, DiagonalMatrix):
+            return self.C.diag, self.K.diag
+        return None
 
     def precondition(self, grad: Tensor) -> Tensor:
         # fp16 state: apply in fp32 — C Cᵀ ∇W K Kᵀ can exceed fp16's range although every factor fits

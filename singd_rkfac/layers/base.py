@@ -129,6 +129,22 @@ class Layer(ABC):
             mat = torch.cat([mat, bias_grad.unsqueeze(1)], dim=1)
         return mat
 
+    def grad_parts(self) -> tuple[Tensor, Tensor | None] | None:
+        """``[∇W | ∇b]`` as views that in-place ops write through: ``(d_g, d_a − has_bias)`` and ``(d_g,)``.
+
+        ``None`` without a weight gradient, or when the weight gradient's
+        memory cannot be viewed as a matrix (then `grad_matrix` copies).
+        """
+        grad = self.weight.grad
+        if grad is None or not grad.is_contiguous():
+            return None
+        bias = None
+        if self.bias is not None:
+            if self.bias.grad is None:
+                self.bias.grad = torch.zeros_like(self.bias)
+            bias = self.bias.grad
+        return grad.view(self.dims.d_g, -1), bias
+
     def write_grad(self, mat: Tensor) -> None:
         """Overwrite ``.grad`` of weight (and bias) with a ``(d_g, d_a)`` matrix."""
         d_in = self.dims.d_a - self.dims.has_bias

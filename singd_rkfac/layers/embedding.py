@@ -65,5 +65,9 @@ class EmbeddingLayer(Layer):
         grad = self.weight.grad
         return None if grad is None else grad.T
 
+    def grad_parts(self) -> tuple[Tensor, Tensor | None] | None:
+        grad = self.weight.grad
+        return None if grad is None else (grad.T, None)
+
     def write_grad(self, mat: Tensor) -> None:
         self.weight.grad.copy_(mat.T)

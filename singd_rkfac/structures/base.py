@@ -176,9 +176,16 @@ class StructuredMatrix(ABC):
     def inner_self(self: M) -> M:
         """``Π(Sᵀ S)``."""
 
-    def from_inner(self: M, x: Tensor | None = None) -> M:
-        """``Π(Sᵀ X Xᵀ S)`` for ``x`` of shape ``(d, n)``; ``Π(Sᵀ S)`` when ``x`` is None."""
-        return self.inner_self() if x is None else self.project_gram(self.rmatmat(x))
+    def from_inner(self: M, x: Tensor | None = None, dtype: torch.dtype | None = None) -> M:
+        """``Π(Sᵀ X Xᵀ S)`` for ``x`` of shape ``(d, n)``; ``Π(Sᵀ S)`` when ``x`` is None.
+
+        ``Sᵀ X`` is formed in this matrix's dtype, the projected Gram in
+        ``dtype`` (default: the same; fp16 state stages it in fp32).
+        """
+        if x is None:
+            return self.inner_self()
+        product = self.rmatmat(x)
+        return self.project_gram(product if dtype is None else product.to(dtype))
 
     # -- diagonal ---------------------------------------------------------------------
     @abstractmethod

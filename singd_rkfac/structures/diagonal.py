@@ -39,6 +39,13 @@ class DiagonalMatrix(StructuredMatrix):
     def project_gram(self, s: Tensor) -> DiagonalMatrix:
         return DiagonalMatrix(s.square().sum(1))
 
+    def from_inner(self, x: Tensor | None = None, dtype: torch.dtype | None = None) -> DiagonalMatrix:
+        """``diag(S)² ⊙ Σₙ xₙ²``: the row norms of ``x`` instead of a scaled ``(d, n)`` copy and its square."""
+        if x is None:
+            return self.inner_self()
+        work = dtype or self.dtype
+        return DiagonalMatrix(self.diag.to(work).square() * torch.linalg.vector_norm(x, dim=1, dtype=work).square())
+
     def inner_self(self) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag.square())
 
