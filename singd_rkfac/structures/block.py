@@ -41,13 +41,16 @@ class BlockMatrix(StructuredMatrix):
         return self.blocks.shape[0] * self.blocks.shape[1]
 
     def _apply(self, x: Tensor, transpose: bool) -> Tensor:
-        """``S x`` or ``Sᵀ x`` for ``x`` ``(d, k)``: one matmul per block group, no copies for dense."""
+        """``S x`` or ``Sᵀ x`` for ``x`` ``(d, k)``: one matmul per block group into one output, no copies."""
         blocks, tail = (self.blocks.mT, self.tail.T) if transpose else (self.blocks, self.tail)
         if not self.tail.numel() and blocks.shape[0] == 1:
             return blocks[0] @ x  # the dense structure
-        head = blocks @ rearrange(x[: self._head], "(n b) k -> n b k", b=self.blocks.shape[1])
-        head = rearrange(head, "n b k -> (n b) k")
-        return torch.cat([head, tail @ x[self._head :]]) if self.tail.numel() else head
+        out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, self.dtype))
+        head, rest = self._split(out)  # views of out: the products land in place
+        torch.matmul(blocks, self._split(x)[0], out=head)
+        if self.tail.numel():
+            torch.mm(tail, x[self._head :], out=rest)
+        return out
 
     def matmul(self, other: BlockMatrix) -> BlockMatrix:
         return BlockMatrix(self.blocks @ other.blocks, self.tail @ other.tail)
