@@ -212,16 +212,23 @@ def check_all(spec, d: int, n: int, seed: int, dtype: torch.dtype) -> None:
                 c.tensors()[name].view(-1)[-1] = bad
                 assert not bool(torch.isfinite(c.total())), f"{tag}: {bad} in {name} not caught by total"
 
-    # select(ok, other) picks one matrix or the other, part by part, as a new matrix.
+    # select_(ok, other) keeps the matrix or takes the other's values, part by part, in place.
     for ok in (True, False):
-        picked = K.select(torch.tensor(ok), K2)
-        assert picked is not K and picked is not K2
-        assert torch.equal(picked.to_dense().double(), o.K if ok else o.K2), f"{tag}: select({ok})"
+        kept = K.clone()
+        storage = [t.data_ptr() for t in kept.tensors().values()]
+        assert kept.select_(torch.tensor(ok), K2) is kept
+        assert [t.data_ptr() for t in kept.tensors().values()] == storage
+        assert torch.equal(kept.to_dense().double(), o.K if ok else o.K2), f"{tag}: select_({ok})"
 
-    # where_(ok) keeps or zeroes every part without a host sync, in place.
+    # where_(ok) keeps or zeroes every part without a host sync, in place (also a non-finite part).
     for ok in (True, False):
         c = K.clone()
+        storage = [t.data_ptr() for t in c.tensors().values()]
+        if not ok:
+            for t in c.tensors().values():
+                t.view(-1)[:1] = float("nan")
         assert c.where_(torch.tensor(ok)) is c
+        assert [t.data_ptr() for t in c.tensors().values()] == storage
         assert all(t.dtype == dtype for t in c.tensors().values())
         assert torch.equal(c.to_dense().double(), o.K if ok else 0 * o.K), f"{tag}: where_({ok})"
 
@@ -230,6 +237,10 @@ def check_all(spec, d: int, n: int, seed: int, dtype: torch.dtype) -> None:
     assert (outer is not None) == isinstance(spec, (Dense, Block, Diagonal)), f"{tag}: outer_self availability"
     if outer is not None:
         assert type(outer) is type(K) and outer.dtype == dtype
+        into = K2.clone()
+        written = K.outer_self(out=into)
+        assert [t.data_ptr() for t in written.tensors().values()] == [t.data_ptr() for t in into.tensors().values()]
+        assert all(torch.equal(a, b) for a, b in zip(written.tensors().values(), outer.tensors().values()))
         atol = tolerance(dtype, mag.K @ mag.K.T)
         torch.testing.assert_close(
             outer.to_dense().double(), o.K @ o.K.T, rtol=0, atol=atol, msg=lambda m: f"{tag}: outer_self: {m}"

@@ -163,7 +163,7 @@ class SINGDCurvature(Curvature):
         self.K.add_(step_k.where_(ok), alpha=-beta_k)
         self.C.add_(step_c.where_(ok), alpha=-beta_c)
         if self.alpha1:
-            self.m_K, self.m_C = new_m_k.select(ok, self.m_K), new_m_c.select(ok, self.m_C)
+            self.m_K, self.m_C = new_m_k.select_(ok, self.m_K), new_m_c.select_(ok, self.m_C)
         self._cache_outer()
 
     def _cache_outer(self) -> None:
@@ -175,8 +175,8 @@ class SINGDCurvature(Curvature):
         ``numel(K) < T·d_g·d_a`` (``C`` alike).
         """
         columns = self.method.update_every * self.dims.d_g * self.dims.d_a
-        self.KKt = self.K.outer_self() if self.K.numel() < columns else None
-        self.CCt = self.C.outer_self() if self.C.numel() < columns else None
+        self.KKt = self.K.outer_self(out=self.KKt) if self.K.numel() < columns else None
+        self.CCt = self.C.outer_self(out=self.CCt) if self.C.numel() < columns else None
 
     # -- preconditioning -------------------------------------------------------------
     @property

@@ -128,15 +128,17 @@ class StructuredMatrix(ABC):
         work = torch.promote_types(self.dtype, torch.float32)
         return torch.stack([t.sum(dtype=work) for t in self.tensors().values()]).sum()
 
-    def select(self: M, ok: Tensor, other: M) -> M:
-        """``self`` if the 0-d bool ``ok`` else ``other``, as a new matrix (no host sync)."""
-        pairs = zip(self.tensors().items(), other.tensors().values())
-        return self._with({name: torch.where(ok, mine, theirs) for (name, mine), theirs in pairs})
+    def select_(self: M, ok: Tensor, other: M) -> M:
+        """Keep ``self`` if the 0-d bool ``ok``, else become ``other``: in place, no host sync; returns self."""
+        for mine, theirs in zip(self.tensors().values(), other.tensors().values()):
+            torch.where(ok, mine, theirs, out=mine)
+        return self
 
     def where_(self: M, ok: Tensor) -> M:
-        """Zero every part unless the 0-d bool ``ok`` (no host sync); returns self."""
-        for name, t in self.tensors().items():
-            setattr(self, name, torch.where(ok, t, torch.zeros((), dtype=t.dtype, device=t.device)))
+        """Zero every part unless the 0-d bool ``ok``: in place, no host sync; returns self."""
+        rejected = ok.logical_not()
+        for t in self.tensors().values():
+            t.masked_fill_(rejected, 0)
         return self
 
     # -- products ------------------------------------------------------------------
@@ -163,8 +165,11 @@ class StructuredMatrix(ABC):
         """``S Sᵀ X`` for a dense ``(d, n)`` tensor."""
         return self.mv(self.rmatmat(x))
 
-    def outer_self(self: M) -> M | None:
-        """``S Sᵀ`` when it stays in this structure (then one product applies it), else None."""
+    def outer_self(self: M, out: M | None = None) -> M | None:
+        """``S Sᵀ`` when it stays in this structure (then one product applies it), else None.
+
+        ``out``: a matrix of this layout whose tensors receive the result (no new memory).
+        """
         return None
 
     # -- projections (SINGD's H terms) ------------------------------------------------

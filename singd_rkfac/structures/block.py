@@ -61,8 +61,9 @@ class BlockMatrix(StructuredMatrix):
     def rmatmat(self, x: Tensor) -> Tensor:
         return self._apply(x, transpose=True)
 
-    def outer_self(self) -> BlockMatrix:
-        return BlockMatrix(self.blocks @ self.blocks.mT, self.tail @ self.tail.T)
+    def outer_self(self, out: BlockMatrix | None = None) -> BlockMatrix:
+        blocks, tail = (None, None) if out is None else (out.blocks, out.tail)
+        return BlockMatrix(torch.matmul(self.blocks, self.blocks.mT, out=blocks), torch.mm(self.tail, self.tail.T, out=tail))
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Rows of ``(d, k)`` as ``(n, b, k)`` block rows and the ``(r, k)`` tail rows."""

@@ -33,8 +33,8 @@ class DiagonalMatrix(StructuredMatrix):
     def rmul(self, y: Tensor) -> Tensor:
         return y * self.diag
 
-    def outer_self(self) -> DiagonalMatrix:
-        return DiagonalMatrix(self.diag.square())
+    def outer_self(self, out: DiagonalMatrix | None = None) -> DiagonalMatrix:
+        return DiagonalMatrix(torch.square(self.diag, out=None if out is None else out.diag))
 
     def project_gram(self, s: Tensor) -> DiagonalMatrix:
         return DiagonalMatrix(s.square().sum(1))

@@ -54,15 +54,27 @@ class HierarchicalMatrix(StructuredMatrix):
             self.E @ other.E,
         )
 
+    def _output(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """An empty ``(d, k)`` result and its row blocks (views): the products land in place."""
+        out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, self.dtype))
+        return out, self._rows(out)
+
     def mv(self, x: Tensor) -> Tensor:
         x1, x2, x3 = self._rows(x)
-        top = self.A @ x1 + self.B @ x[x1.shape[0] :]
-        return torch.cat([top, self.C.unsqueeze(1) * x2, self.D @ x2 + self.E @ x3])
+        out, (top, middle, bottom) = self._output(x)
+        torch.mm(self.A, x1, out=top).addmm_(self.B, x[x1.shape[0] :])
+        torch.mul(self.C.unsqueeze(1), x2, out=middle)
+        torch.mm(self.D, x2, out=bottom).addmm_(self.E, x3)
+        return out
 
     def rmatmat(self, x: Tensor) -> Tensor:
         x1, x2, x3 = self._rows(x)
-        rest = self.B.T @ x1 + torch.cat([self.C.unsqueeze(1) * x2 + self.D.T @ x3, self.E.T @ x3])
-        return torch.cat([self.A.T @ x1, rest])
+        out, (top, middle, bottom) = self._output(x)
+        torch.mm(self.A.T, x1, out=top)
+        torch.mm(self.B.T, x1, out=out[x1.shape[0] :])
+        middle.addcmul_(self.C.unsqueeze(1), x2).addmm_(self.D.T, x3)
+        bottom.addmm_(self.E.T, x3)
+        return out
 
     def project_gram(self, s: Tensor) -> HierarchicalMatrix:
         s1, s2, s3 = self._rows(s)
