@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 # packages on a bare machine; with 2.13.0 present, torch>=2.3 is satisfied.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test docs bench clean
+.PHONY: demo test docs readme bench clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: $(VENV)/.test
 
 docs: $(VENV)/.docs
 	$(VENV)/bin/mkdocs build --strict
+
+# The README's time-to-target table from benchmarks/results/train.json (--check: fail when stale).
+readme: $(VENV)/.bench
+	$(PY) benchmarks/_readme.py
 
 clean:
 	rm -rf $(VENV) site build *.egg-info

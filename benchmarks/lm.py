@@ -191,13 +191,28 @@ def _ours(policy: sr.Policy, lr: float, momentum: float = 0.0) -> Callable[[nn.M
 KFAC_METHOD = sr.KFAC(inverse_every=5, damping=KFAC_DAMPING)
 
 
+def mixed_policy(model: nn.Module, singd: sr.SINGD, kfac: sr.KFAC) -> tuple[sr.Policy, str]:
+    """``singd`` on every managed layer but the head — the last ``nn.Linear`` in module order — which gets ``kfac``.
+
+    Returns the policy and the head's name. The rule matches the head module itself, so it works for any model
+    that ends in a linear layer.
+    """
+    name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return sr.Policy(singd, rules=[(lambda _, module: module is head, kfac)]), name
+
+
+def set_group(optimizer: torch.optim.Optimizer, name: str, **options: Any) -> None:
+    """Update the param group of managed layer ``name`` (`sr.Optimizer` names one group per layer after it)."""
+    for group in optimizer.param_groups:
+        if group["name"] == name:
+            group.update(options)
+
+
 def _mixed(model: nn.Module) -> torch.optim.Optimizer:
     """SINGD with bf16 state (SINGD's lr and momentum) on every managed layer but the head: K-FAC (K-FAC's lr)."""
-    policy = sr.Policy(sr.SINGD(dtype=torch.bfloat16, update_every=5), rules=[("head", KFAC_METHOD)])
+    policy, head = mixed_policy(model, sr.SINGD(dtype=torch.bfloat16, update_every=5), KFAC_METHOD)
     optimizer = _ours(policy, SINGD_LR, MOMENTUM)(model)
-    for group in optimizer.param_groups:  # one param group per managed layer, named after it
-        if group["name"] == "head":
-            group.update(lr=KFAC_LR, momentum=0.0)
+    set_group(optimizer, head, lr=KFAC_LR, momentum=0.0)
     return optimizer
 
 

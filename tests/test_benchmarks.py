@@ -8,13 +8,17 @@ most of their time waiting for each other.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
+import singd_rkfac as sr
 from singd_rkfac import cli
 
 pytest.importorskip("matplotlib")
@@ -224,9 +228,9 @@ def test_lm_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_bench_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("scaling", "memory", "anchors", "lowrank", "lm"):
+    for name in ("scaling", "memory", "anchors", "lowrank", "lm", "train"):
         assert name in out
-    assert "common" not in out
+    assert "common" not in out and "_readme" not in out
 
 
 @pytest.mark.parametrize(
@@ -257,13 +261,85 @@ def test_bench_without_checkout_is_a_clean_error(
 
 
 def test_train_quick(tmp_path: Path) -> None:
-    payload = cli.load_benchmark("train").main([*QUICK, "--out", str(tmp_path)])
+    train = cli.load_benchmark("train")
+    with pytest.warns(UserWarning, match="go to the fallback rule"):  # the LM's attention
+        payload = train.main([*QUICK, "--out", str(tmp_path)])
     written = _results(tmp_path, "train")
-    assert written["summary"].keys() == payload["summary"].keys() == {"classifier", "autoencoder"}
+    config = written["config"]
+    assert written["summary"].keys() == payload["summary"].keys() == {"classifier", "autoencoder", "lm"}
     for problem, block in written["summary"].items():
-        assert set(block["methods"]) == {"AdamW", "KFAC", "SENG", "KFAC-2L-nicolaides"}
+        assert set(block["methods"]) == {"AdamW", "KFAC", "SENG", "Mixed", "KFAC-2L-nicolaides"}
         for label, runs in written["raw"][problem].items():
-            assert [r["lr"] for r in runs] == written["config"]["methods"][label]["lrs"]
-            assert all(len(r["losses"]) == written["config"]["steps"] and r["finite"] for r in runs)
-            assert all(r["evaluations"][-1][0] == written["config"]["steps"] for r in runs)
-        assert block["methods"]["AdamW"]["best_lr"] in written["config"]["methods"]["AdamW"]["lrs"]
+            assert [r["lr"] for r in runs] == config["methods"][label]["lrs"]
+            assert all(len(r["losses"]) == config["steps"] and r["finite"] for r in runs)
+            assert all(r["evaluations"][-1][0] == config["steps"] for r in runs)
+        assert block["methods"]["AdamW"]["best_lr"] in config["methods"]["AdamW"]["lrs"]
+        for row in block["methods"].values():
+            assert row["all_finite"] and math.isfinite(row["final_metric"]) and row["state_bytes"] > 0
+    # the LM: the metric is a held-out cross-entropy between the process's floor and a uniform guess
+    floor, vocab = config["problems"]["lm"]["oracle_loss"], train.LM_SIZE.vocab
+    assert 0 < floor < config["problems"]["lm"]["target"] < math.log(vocab)
+    for row in written["summary"]["lm"]["methods"].values():
+        assert floor < row["final_metric"] < math.log(vocab) + 0.5  # 6 steps from a near-uniform start
+
+
+@pytest.mark.parametrize(("problem", "head"), [("classifier", "fc3"), ("autoencoder", "fc8"), ("lm", "head")])
+def test_train_mixed_puts_kfac_on_the_last_linear(problem: str, head: str) -> None:
+    train = cli.load_benchmark("train")
+    model = train.PROBLEMS[problem].build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LM's attention goes to the fallback
+        optimizer = train.methods()["Mixed"].build(model, 0.01, train.PROBLEMS[problem].clip)
+    layers = optimizer.preconditioner.layers
+    assert isinstance(layers[head].method, sr.KFAC)
+    singd = [m.method for name, m in layers.items() if name != head]
+    assert singd and all(isinstance(m, sr.SINGD) and m.dtype == torch.bfloat16 for m in singd)
+    lrs = {group["name"]: group["lr"] for group in optimizer.param_groups if group["rule"] == "curvature"}
+    assert lrs.pop(head) == pytest.approx(0.1) and set(lrs.values()) == {0.01}
+    fallback = [group for group in optimizer.param_groups if group["name"] == "fallback"]
+    assert [group["rule"] for group in fallback] == (["adamw"] if problem == "lm" else [])  # attention, norms
+
+
+# -- the README's table ----------------------------------------------------------------------------------------------
+def _readme():
+    """``benchmarks/_readme.py`` (not a benchmark; loading ``train`` puts the benchmarks folder on ``sys.path``)."""
+    cli.load_benchmark("train")
+    return importlib.import_module("_readme")
+
+
+def test_readme_table_matches_the_committed_train_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _readme().main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_readme_check_fails_when_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = _readme()
+    stale = tmp_path / "README.md"
+    stale.write_text(f"# x\n{readme.START}\nold numbers\n{readme.END}\nrest\n")
+    monkeypatch.setattr(readme, "README", stale)
+    assert readme.main(["--check"]) == 1 and "old numbers" in stale.read_text()
+    assert readme.main([]) == 0 and readme.main(["--check"]) == 0
+    text = stale.read_text()
+    assert text.startswith(f"# x\n{readme.START}\nGenerated by") and text.endswith(f"{readme.END}\nrest\n")
+
+
+def _fake_run(lr: float, steps_to_target: int | None, metric: float, finite: bool = True) -> dict:
+    seconds = None if steps_to_target is None else 0.05 * steps_to_target
+    return {"lr": lr, "losses": [1.0] * 100, "evaluations": [[100, metric]], "finite": finite, "seconds": 5.0,
+            "steps_to_target": steps_to_target, "seconds_to_target": seconds, "final_metric": metric, "state_bytes": 8}
+
+
+def test_readme_renders_missing_baselines_and_unreached_targets() -> None:
+    readme = _readme()
+    raw = {"classifier": {
+        "AdamW": [_fake_run(1e-3, None, 0.9), _fake_run(3e-3, 40, 0.97)],
+        "SENG": [_fake_run(0.1, 20, 0.5, finite=False), _fake_run(0.3, None, 0.95)],  # a diverged run, then a miss
+    }}
+    payload = json.loads(readme.RESULTS.read_text())
+    payload["config"].update(problems={"classifier": {"metric": "test accuracy", "target": 0.96}},
+                             methods={"AdamW": {"lrs": [1e-3, 3e-3]}, "SENG": {"lrs": [0.1, 0.3]}}, steps=100)
+    payload["summary"] = readme.train.summarize(["classifier"], ["AdamW", "SENG"], raw)  # no K-FAC
+    lines = readme.render(payload).splitlines()
+    assert "| AdamW | 0.003 | 40 | 2 s | 1.00 | — | 0.97 |" in lines  # no K-FAC to compare with
+    assert "| SENG † | 0.3 | — | — | — | — | 0.95 |" in lines  # the finite run that missed the target
+    assert "Command: `python benchmarks/train.py --problems classifier --methods AdamW SENG --steps 100`" in lines
+    assert not any("autoencoder" in line for line in lines)
