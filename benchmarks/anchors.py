@@ -247,10 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     payload = common.new_payload(NAME, args, config)
     payload["raw"] = []
-    with common.configured(args):
+    with common.configured(args), common.Progress(len(periods) * len(labels), NAME) as progress:
         for period in periods:
             for label in labels:
-                print(f"{label}, T={period} …", flush=True)
+                progress.next(f"{label}, T={period}")
                 payload["raw"].append(run_config(label, period, sizes, reference, args))
     payload["summary"] = summarize(payload["raw"])
     report(payload["summary"])

@@ -112,6 +112,49 @@ def configured(args: argparse.Namespace) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class Progress:
+    """A progress bar over a benchmark's work items, naming the current one (tqdm on stderr).
+
+    Without tqdm (an optional ``bench`` dependency) every item is a plain line
+    on stdout instead. ``extend`` adds items discovered on the way.
+    """
+
+    def __init__(self, total: int, desc: str) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        self._bar = None if tqdm is None else tqdm(total=total, desc=desc, unit="item", file=sys.stderr, leave=True)
+        self._started = False
+
+    def next(self, item: str) -> None:
+        """Finish the previous item and start ``item``."""
+        if self._bar is None:
+            print(f"{item} …", flush=True)
+            return
+        if self._started:
+            self._bar.update(1)
+        self._started = True
+        self._bar.set_postfix_str(item)
+
+    def extend(self, items: int) -> None:
+        """``items`` more work items than announced."""
+        if self._bar is not None:
+            self._bar.total += items
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.update(int(self._started))
+            self._bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # -- machine and results -------------------------------------------------------------------------
 def _cpu_name() -> str:
     try:
@@ -473,9 +516,9 @@ def run_over_widths(
 ) -> dict[str, Any]:
     """The loop `scaling` and `memory` share: measure every width, summarise, print, write."""
     payload = new_payload(name, args, config)
-    with configured(args):
+    with configured(args), Progress(len(widths), name) as progress:
         for d in widths:
-            print(f"d={d}: {doing} …", flush=True)
+            progress.next(f"d={d}: {doing}")
             payload["raw"][str(d)] = measure(d)
     payload["summary"] = summarize(widths, config["methods"], payload["raw"])
     report(payload["summary"])

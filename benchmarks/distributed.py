@@ -336,16 +336,17 @@ def main(argv: list[str] | None = None) -> dict:
     payload = common.new_payload(NAME, args, config)
     with tempfile.TemporaryDirectory(prefix="singd-rkfac-distributed-") as tmp:
         folder = Path(tmp)
+        progress = common.Progress(1 + len(config["worlds"]), NAME)
         with common.configured(args):
-            print(f"one process, float64: the reference of the agreement check ({config['agreement_steps']} steps) …",
-                  flush=True)
+            progress.next(f"one process, float64: the reference of the agreement check ({config['agreement_steps']} steps)")
             (folder / "reference.json").write_text(json.dumps(ranks.reference_parameters(config)))
         wall = {}
-        for world in config["worlds"]:
-            print(f"{world} process{'es' if world > 1 else ''}: {len(config['methods'])} methods …", flush=True)
-            start = time.perf_counter()
-            payload["raw"][str(world)] = spawn(world, config, folder)
-            wall[str(world)] = time.perf_counter() - start
+        with progress:
+            for world in config["worlds"]:
+                progress.next(f"{world} process{'es' if world > 1 else ''}: {len(config['methods'])} methods")
+                start = time.perf_counter()
+                payload["raw"][str(world)] = spawn(world, config, folder)
+                wall[str(world)] = time.perf_counter() - start
     payload["config"]["wall_seconds_per_world"] = wall
     payload["summary"] = summarize(config, payload["raw"])
     report(payload["summary"])

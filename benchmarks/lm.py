@@ -411,9 +411,9 @@ def main(argv: list[str] | None = None) -> dict:
         "final_loss": f"mean of the last {TAIL} minibatch losses",
     }
     payload = common.new_payload(NAME, args, config)
-    with common.configured(args):
+    with common.configured(args), common.Progress(len(args.tying), NAME) as progress:
         for tying in args.tying:
-            print(f"{tying}: training {', '.join(labels)} for {size.steps} steps …", flush=True)
+            progress.next(f"{tying}: training {', '.join(labels)} for {size.steps} steps")
             payload["raw"][tying] = train_interleaved(labels, size, tying == "tied", args.device, autocast, args.seed)
     payload["summary"] = summarize(payload["raw"], labels)
     report(payload["summary"])

@@ -446,9 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     payload = common.new_payload(NAME, args, config)
     errors: dict[str, Any] = {}
-    with common.configured(args):
+    with common.configured(args), common.Progress(len(spectrum_widths), NAME) as progress:
         for h in spectrum_widths:
-            print(f"h={h}: training {steps} K-FAC steps …", flush=True)
+            progress.next(f"h={h}: training {steps} K-FAC steps")
             run = train_and_capture(h, steps, args, record_rows=h == width)
             payload["raw"].setdefault("spectra", {})[str(h)] = {
                 "train_loss_first_last": run["train_loss_first_last"], "train_loss_last10_mean": run["train_loss_last10_mean"],
@@ -457,10 +457,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "factors": {name: spectrum_record(f["value"]) for name, f in run["factors"].items()},
             }
             if h == width:
-                for name, factor in run["factors"].items():
-                    if factor["value"].shape[0] < 2:
-                        continue
-                    print(f"h={h}: errors of {name} (d={factor['value'].shape[0]}) …", flush=True)
+                factors = {name: f for name, f in run["factors"].items() if f["value"].shape[0] >= 2}
+                progress.extend(len(factors))
+                for name, factor in factors.items():
+                    progress.next(f"h={h}: errors of {name} (d={factor['value'].shape[0]})")
                     errors[name] = factor_errors(factor, ranks, seeds, args.seed)
     payload["raw"]["errors"] = errors
     payload["summary"] = summarize(payload["raw"], config)

@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> dict:
         "unsupported_regimes": {r: why for r, why in unsupported.items() if why},
     }
     payload = common.new_payload(NAME, args, config)
-    with common.configured(args):
+    with common.configured(args), common.Progress(len(models) * len(names), NAME) as progress:
         for model_name in models:
             data = load_digits(device=args.device, images=model_name == "cnn", seed=args.seed)
             n = len(data.x_train)
@@ -644,6 +644,7 @@ def main(argv: list[str] | None = None) -> dict:
             reordered = batch_order(n, steps, args.batch_size, args.seed + 1)
             runs: dict[str, dict[str, Any]] = {}
             for name in names:
+                progress.next(f"{model_name} {name}")
                 contender = table[name]
                 runs[name] = {}
                 for regime in regimes:
@@ -652,7 +653,6 @@ def main(argv: list[str] | None = None) -> dict:
                     if unsupported[regime]:
                         runs[name][regime] = {"unsupported": unsupported[regime], "losses": []}
                         continue
-                    print(f"{model_name} {name} {regime} …", flush=True)
                     runs[name][regime] = train(contender, REGIMES[regime], model_name, data, batches, args)
                 if not args.no_reorder and contender.runs_in(REGIMES["fp32"]):
                     runs[name]["fp32-reorder"] = train(contender, REGIMES["fp32"], model_name, data, reordered, args)

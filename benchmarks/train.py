@@ -396,14 +396,14 @@ def main(argv: list[str] | None = None) -> dict:
         "fallback": lm.FALLBACK, "mixed_head_lr_factor": HEAD_LR_FACTOR, "seed": args.seed,
     }
     payload = common.new_payload(NAME, args, config)
-    with common.configured(args):
+    with common.configured(args), common.Progress(len(problems) * len(labels), NAME) as progress:
         for name in problems:
             problem = PROBLEMS[name]
             data = problem.data(steps, args.seed, args.device)
             payload["config"]["problems"][name].update(data.info)
             payload["raw"][name] = {}
             for label in labels:
-                print(f"{name}: {label} …", flush=True)
+                progress.next(f"{name}: {label}")
                 payload["raw"][name][label] = [
                     run(problem, table[label], lr, data, args.seed, eval_every, args.device) for lr in table[label].lrs
                 ]

@@ -343,3 +343,25 @@ def test_readme_renders_missing_baselines_and_unreached_targets() -> None:
     assert "| SENG † | 0.3 | — | — | — | — | 0.95 |" in lines  # the finite run that missed the target
     assert "Command: `python benchmarks/train.py --problems classifier --methods AdamW SENG --steps 100`" in lines
     assert not any("autoencoder" in line for line in lines)
+
+
+@pytest.mark.parametrize("with_tqdm", [True, False], ids=["tqdm", "plain"])
+def test_progress_names_every_item(
+    with_tqdm: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bar on stderr that counts every item (also those added on the way); plain lines without tqdm."""
+    if with_tqdm:
+        pytest.importorskip("tqdm")
+    else:
+        monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)  # import fails
+    common = cli.load_benchmark("memory").common
+    with common.Progress(2, "demo-bench") as progress:
+        progress.next("first")
+        progress.next("second")
+        progress.extend(1)
+        progress.next("third")
+    out, err = capsys.readouterr()
+    if with_tqdm:
+        assert out == "" and "demo-bench" in err and "3/3" in err and "third" in err
+    else:
+        assert out.splitlines() == ["first …", "second …", "third …"]

@@ -233,6 +233,20 @@ def test_training_trajectory_equals_the_one_hot_linear(name):
         assert type(layer.curvature.g_factor).__name__ == "BrandFactor"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_singd_with_half_precision_state_on_an_embedding_of_fp32_weights(dtype):
+    """Half-precision SINGD state under fp32 weights: the token counts arrive in fp32 and are folded in ``dtype``."""
+    net = embedding_net(2).float()
+    opt = sr.Optimizer(net, sr.Policy(sr.SINGD(update_every=1, dtype=dtype, structure="diagonal")), lr=0.1)
+    for _ in range(3):
+        batch = tokens(5, 2)
+        opt.zero_grad()
+        F.cross_entropy(net(batch[0]), batch[1]).backward()
+        opt.step()
+    K = opt.preconditioner.layers["0"].curvature.K
+    assert K.dtype == dtype and bool(torch.isfinite(K.diag).all()) and not torch.equal(K.diag, torch.ones_like(K.diag))
+
+
 def test_describe_notes_the_diagonal_side_and_counts_d_not_d_squared():
     net = embedding_net(3)
     for method, note in ((sr.KFAC(), "A: diagonal (one-hot input)"), (sr.SINGD(), "K diagonal (one-hot input), C dense")):

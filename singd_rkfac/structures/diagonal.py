@@ -44,7 +44,8 @@ class DiagonalMatrix(StructuredMatrix):
         if x is None:
             return self.inner_self()
         work = dtype or self.dtype
-        return DiagonalMatrix(self.diag.to(work).square() * torch.linalg.vector_norm(x, dim=1, dtype=work).square())
+        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, work))
+        return DiagonalMatrix(self.diag.to(work).square() * norms.square().to(work))
 
     def inner_self(self) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag.square())

@@ -60,20 +60,26 @@ class HierarchicalMatrix(StructuredMatrix):
         return out, self._rows(out)
 
     def mv(self, x: Tensor) -> Tensor:
-        x1, x2, x3 = self._rows(x)
+        x1, x2, _ = self._rows(x)
+        k1, m, _ = self._sizes
         out, (top, middle, bottom) = self._output(x)
-        torch.mm(self.A, x1, out=top).addmm_(self.B, x[x1.shape[0] :])
+        # both dense row groups in one product: one read of x's last d − k1 rows
+        borders = torch.cat([self.B, torch.cat([self.D, self.E], dim=1)]) @ x[k1:]
+        torch.addmm(borders[:k1], self.A, x1, out=top)
         torch.mul(self.C.unsqueeze(1), x2, out=middle)
-        torch.mm(self.D, x2, out=bottom).addmm_(self.E, x3)
+        bottom.copy_(borders[k1:])
         return out
 
     def rmatmat(self, x: Tensor) -> Tensor:
         x1, x2, x3 = self._rows(x)
+        m = self.C.shape[0]
         out, (top, middle, bottom) = self._output(x)
+        b_c, b_e = self.B.split([m, self.E.shape[0]], dim=1)
+        corners = torch.cat([x1, x3])  # (k1 + k2, k): the rows the dense parts act on
         torch.mm(self.A.T, x1, out=top)
-        torch.mm(self.B.T, x1, out=out[x1.shape[0] :])
-        middle.addcmul_(self.C.unsqueeze(1), x2).addmm_(self.D.T, x3)
-        bottom.addmm_(self.E.T, x3)
+        # the middle rows: the diagonal, then both borders as one rank-(k1 + k2) update
+        torch.mul(self.C.unsqueeze(1), x2, out=middle).addmm_(torch.cat([b_c, self.D]).T, corners)
+        torch.mm(torch.cat([b_e, self.E]).T, corners, out=bottom)
         return out
 
     def project_gram(self, s: Tensor) -> HierarchicalMatrix:
