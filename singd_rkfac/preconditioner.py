@@ -309,9 +309,9 @@ class Preconditioner:
             scale(rows.square(), cols.square())
             return True
         scale(rows, cols)
-        flat = weight.reshape(-1) if weight.is_contiguous() else weight.T.reshape(-1)
-        total = torch.dot(flat, flat) + (torch.dot(bias, bias) if bias is not None else 0.0)
-        inner[m.name] = total.to(torch.promote_types(total.dtype, torch.float32))
+        work = torch.promote_types(weight.dtype, torch.float32)
+        parts = [weight] if bias is None else [weight, bias]  # any strides: a norm reads views without copying
+        inner[m.name] = sum(torch.linalg.vector_norm(t, dtype=work).square() for t in parts)
         scale(rows, cols)
         return True
 
