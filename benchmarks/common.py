@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import inspect
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -327,6 +330,32 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for queued GPU work (a no-op on CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a new process forked from a server that has only imported torch.
+
+    Each measurement then starts from the same state whatever ran before it in
+    this process. That matters on the CPU: glibc raises its mmap and trim
+    thresholds after large frees, so an optimizer that allocates fresh
+    multi-MB temporaries every step page-faults in a new process but not after
+    heavy earlier work, and its times would depend on the order of the
+    configurations. ``function`` must be a module-level function of a file
+    (the child loads that file by path); ``args`` and the result must pickle.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch"])
+    with context.Pool(1) as pool:
+        return pool.apply(_call_from_file, (inspect.getfile(function), function.__name__, args))
+
+
+def _call_from_file(path: str, name: str, args: tuple[Any, ...]) -> Any:
+    """Load the module file ``path`` and call its ``name(*args)`` (the child side of `in_fresh_process`)."""
+    spec = importlib.util.spec_from_file_location(f"_fresh_{Path(path).stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)(*args)
 
 
 def time_interleaved(

@@ -198,6 +198,32 @@ def test_non_finite_statistics_leave_the_factors_untouched():
             assert torch.equal(managed.curvature.state_dict()[key], value), (name, key)
 
 
+SMALL_STRUCTURES = [sr.structures.Dense(), sr.structures.Diagonal(), sr.structures.Block(3),
+                    sr.structures.LowRank(2), sr.structures.Hierarchical(2, 2), sr.structures.Toeplitz()]
+
+
+@pytest.mark.parametrize("structure", SMALL_STRUCTURES, ids=lambda s: s.name)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_entry_in_any_part_of_the_update_is_rejected(structure, bad):
+    """The finiteness check reads only ``K m̂`` and ``C m̂``: a bad entry anywhere in ``m̂`` must reach them."""
+    model = mlp()  # first layer: d_a = d_g = 7, so every part of every structure is non-empty
+    pre = sr.Preconditioner(model, sr.Policy(sr.SINGD(structure=structure, update_every=1, alpha1=0.5)))
+    curvature = pre.layers["0"].curvature
+    for matrix in (curvature.K, curvature.C, curvature.m_K, curvature.m_C):  # a generic, non-identity state
+        for t in matrix.tensors().values():
+            t.add_(0.1 * torch.randn_like(t))
+    before = {k: v.clone() for k, v in curvature.state_dict().items() if isinstance(v, torch.Tensor)}
+    for side in ("K", "C"):
+        for part, tensor in getattr(curvature, side).tensors().items():
+            if not tensor.numel():  # the dense structure's empty tail block
+                continue
+            h = {s: getattr(curvature, s).zeros_like() for s in ("K", "C")}
+            getattr(h[side], part).view(-1)[tensor.numel() // 2] = bad
+            curvature._step_factors(0, h["K"], h["C"])
+            for key, value in before.items():
+                assert torch.equal(curvature.state_dict()[key], value), (side, part, key)
+
+
 def test_policy_from_toml_form_and_describe(tmp_path):
     policy = sr.Policy.from_dict({
         "default": {"method": "singd", "structure": "block", "block_size": 4, "dtype": "bfloat16"},

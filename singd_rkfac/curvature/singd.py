@@ -155,8 +155,9 @@ class SINGDCurvature(Curvature):
             new_m_k.add_(self.m_K, alpha=self.alpha1)
             new_m_c.add_(self.m_C, alpha=self.alpha1)
         step_k, step_c = self.K.matmul(new_m_k), self.C.matmul(new_m_c)
-        # One reduction per part checks the whole update; a non-finite one changes nothing.
-        ok = torch.isfinite(sum(m.total() for m in (new_m_k, new_m_c, step_k, step_c)))
+        # One reduction per part of the two products checks the whole update: every entry of m̂ is
+        # multiplied into K m̂ and x·inf, x·NaN are never finite. A non-finite update changes nothing.
+        ok = torch.isfinite(step_k.total() + step_c.total())
         beta_k, beta_c = lr_cov, lr_cov
         if method.normalize_lr_cov:
             beta_k, beta_c = (torch.where(ok, lr_cov / m.max_abs().clamp_min(1.0), 0.0) for m in (new_m_k, new_m_c))

@@ -89,7 +89,8 @@ class StructuredMatrix(ABC):
         return self._map(torch.zeros_like)
 
     def to(self: M, dtype: torch.dtype) -> M:
-        return self._map(lambda t: t.to(dtype))
+        """This matrix in ``dtype``: itself when it already is (as ``Tensor.to`` returns the tensor itself)."""
+        return self if dtype == self.dtype else self._map(lambda t: t.to(dtype))
 
     def add_(self: M, other: M, alpha: Scalar = 1.0) -> M:
         """``self += alpha · other`` (``alpha`` a number or a 0-d tensor)."""
