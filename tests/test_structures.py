@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from singd_rkfac.structures import (
     STRUCTURES,
+    ArrowMatrix,
     Block,
     Dense,
     Diagonal,
@@ -232,19 +233,26 @@ def check_all(spec, d: int, n: int, seed: int, dtype: torch.dtype) -> None:
         assert all(t.dtype == dtype for t in c.tensors().values())
         assert torch.equal(c.to_dense().double(), o.K if ok else 0 * o.K), f"{tag}: where_({ok})"
 
-    # outer_self: S Sᵀ for the structures that hold it (dense, block, diagonal), None for the others.
+    # outer_self: S Sᵀ for every structure but Toeplitz — dense, block, diagonal in their own
+    # structure, hierarchical and low-rank as an arrow matrix — applied by one product.
     outer = K.outer_self()
-    assert (outer is not None) == isinstance(spec, (Dense, Block, Diagonal)), f"{tag}: outer_self availability"
+    assert (outer is not None) != isinstance(spec, Toeplitz), f"{tag}: outer_self availability"
     if outer is not None:
-        assert type(outer) is type(K) and outer.dtype == dtype
-        into = K2.clone()
+        arrow = isinstance(spec, (Hierarchical, LowRank))
+        assert type(outer) is (ArrowMatrix if arrow else type(K)) and outer.dtype == dtype
+        into = K2.outer_self() if arrow else K2.clone()
         written = K.outer_self(out=into)
         assert [t.data_ptr() for t in written.tensors().values()] == [t.data_ptr() for t in into.tensors().values()]
         assert all(torch.equal(a, b) for a, b in zip(written.tensors().values(), outer.tensors().values()))
-        atol = tolerance(dtype, mag.K @ mag.K.T)
-        torch.testing.assert_close(
-            outer.to_dense().double(), o.K @ o.K.T, rtol=0, atol=atol, msg=lambda m: f"{tag}: outer_self: {m}"
-        )
+        gram, gram_magnitude = o.K @ o.K.T, mag.K @ mag.K.T
+        for name, got, expected, scale in (
+            ("to_dense", outer.to_dense(), gram, gram_magnitude),
+            ("mv", outer.mv(X), gram @ o.X, gram_magnitude @ mag.X),
+            ("rmul", outer.rmul(X.T), o.X.T @ gram, mag.X.T @ gram_magnitude),
+            ("mv of a transposed input", outer.mv(X.T.contiguous().T), gram @ o.X, gram_magnitude @ mag.X),
+        ):
+            torch.testing.assert_close(got.double(), expected, rtol=0, atol=tolerance(dtype, scale),
+                                       msg=lambda m: f"{tag}: outer_self {name}: {m}")
 
 
 # -- tests ----------------------------------------------------------------------------

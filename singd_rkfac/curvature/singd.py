@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..layers import LayerDims
 from ..methods import SINGD
-from ..structures import Diagonal, DiagonalMatrix, Structure, StructuredMatrix
+from ..structures import Diagonal, DiagonalMatrix, PartsMatrix, Structure, StructuredMatrix
 from .base import BatchCounts, Curvature
 
 __all__ = ["SINGDCurvature", "k_structure"]
@@ -59,8 +59,8 @@ class SINGDCurvature(Curvature):
         self.H_K: StructuredMatrix | None = None
         self.H_C: StructuredMatrix | None = None
         self.updates = 0
-        self.KKt: StructuredMatrix | None = None
-        self.CCt: StructuredMatrix | None = None
+        self.KKt: PartsMatrix | None = None
+        self.CCt: PartsMatrix | None = None
         self._cache_outer()
 
     @classmethod
@@ -117,7 +117,7 @@ class SINGDCurvature(Curvature):
             self.discard()
         return True
 
-    def _shared_matrices(self) -> dict[str, StructuredMatrix | None]:
+    def _shared_matrices(self) -> dict[str, PartsMatrix | None]:
         return {**self._matrices(), "KKt": self.KKt, "CCt": self.CCt}
 
     def shared_state(self) -> dict[str, Any]:
@@ -168,12 +168,13 @@ class SINGDCurvature(Curvature):
         self._cache_outer()
 
     def _cache_outer(self) -> None:
-        """Keep ``K Kᵀ`` / ``C Cᵀ`` when it stays in the structure and saves work between updates.
+        """Keep ``K Kᵀ`` / ``C Cᵀ`` (`StructuredMatrix.outer_self`) when it saves work between updates.
 
         Applying the cached product saves one structured product per step
         (``numel(K)·d_g`` flops); forming it costs ``numel(K)·b`` once per ``T``
-        steps (``b`` the block width, ``numel(K) = b·d_a``), so it is kept when
-        ``numel(K) < T·d_g·d_a`` (``C`` alike).
+        steps (``b`` the block width, or ``k1 + k2`` for hierarchical, with
+        ``numel(K) ≈ b·d_a``), so it is kept when ``numel(K) < T·d_g·d_a``
+        (``C`` alike).
         """
         columns = self.method.update_every * self.dims.d_g * self.dims.d_a
         self.KKt = self.K.outer_self(out=self.KKt) if self.K.numel() < columns else None
@@ -194,7 +195,7 @@ class SINGDCurvature(Curvature):
         work = self.stage_dtype
         grad = grad.to(work)
         k_kt, c_ct = (None if m is None else m.to(dtype=work) for m in (self.KKt, self.CCt))
-        # ∇W K Kᵀ: the cached K Kᵀ is symmetric, so ∇W (K Kᵀ) = rmul
+        # ∇W K Kᵀ: one product with the cached K Kᵀ, else two structured products
         right = k_kt.rmul(grad) if k_kt is not None else self.K.to(dtype=work).apply_outer(grad.T).T
         return c_ct.mv(right) if c_ct is not None else self.C.to(dtype=work).apply_outer(right)
 

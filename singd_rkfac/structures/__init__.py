@@ -7,14 +7,15 @@ A structure spec is what a policy names (``sr.structures.Block(32)`` or
 
 from __future__ import annotations
 
-from .base import Structure, StructuredMatrix
+from .base import PartsMatrix, Structure, StructuredMatrix
 from .block import Block, BlockMatrix, Dense
 from .diagonal import Diagonal, DiagonalMatrix
-from .hierarchical import Hierarchical, HierarchicalMatrix, LowRank
+from .hierarchical import ArrowMatrix, Hierarchical, HierarchicalMatrix, LowRank
 from .toeplitz import Toeplitz, ToeplitzMatrix
 
 __all__ = [
     "STRUCTURES",
+    "ArrowMatrix",
     "Block",
     "BlockMatrix",
     "Dense",
@@ -23,6 +24,7 @@ __all__ = [
     "Hierarchical",
     "HierarchicalMatrix",
     "LowRank",
+    "PartsMatrix",
     "Structure",
     "StructuredMatrix",
     "Toeplitz",

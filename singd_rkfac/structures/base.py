@@ -27,19 +27,19 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["Structure", "StructuredMatrix", "Scalar"]
+__all__ = ["PartsMatrix", "Structure", "StructuredMatrix", "Scalar"]
 
 #: A Python number or a 0-d tensor (kept on device: no host sync).
 Scalar = float | Tensor
 
-M = TypeVar("M", bound="StructuredMatrix")
+M = TypeVar("M", bound="PartsMatrix")
 
 
-class StructuredMatrix(ABC):
-    """A square matrix stored in a structure; every method keeps the structure.
+class PartsMatrix(ABC):
+    """A ``d × d`` matrix held as a few named tensors ("parts") that can be applied to dense tensors.
 
-    Subclasses name their tensors in ``parts`` and implement the products and
-    projections; the element-wise algebra here works on the parts directly.
+    Subclasses name their tensors in ``parts``; the element-wise algebra here
+    works on the parts directly.
     """
 
     #: Attribute names of the tensors that hold the matrix.
@@ -111,15 +111,6 @@ class StructuredMatrix(ABC):
         peaks = [t.abs().amax() for t in self.tensors().values() if t.numel()]
         return torch.stack(peaks).amax()
 
-    def frobenius_norm(self) -> Tensor:
-        """``‖S‖_F`` (0-d tensor; every stored number appears once in the matrix)."""
-        work = torch.promote_types(self.dtype, torch.float32)
-        return torch.sqrt(sum(t.to(work).square().sum() for t in self.tensors().values())).to(self.dtype)
-
-    def average_trace(self) -> Tensor:
-        """``tr(S) / d`` (0-d tensor)."""
-        return self.trace() / self.dim
-
     def total(self) -> Tensor:
         """Sum of all stored numbers in at least fp32 (0-d): non-finite iff some entry is.
 
@@ -142,22 +133,46 @@ class StructuredMatrix(ABC):
             t.masked_fill_(rejected, 0)
         return self
 
+    # -- application to dense tensors ------------------------------------------------
+    @abstractmethod
+    def mv(self, x: Tensor) -> Tensor:
+        """``S @ X`` for a dense ``(d, n)`` tensor."""
+
+    @abstractmethod
+    def rmul(self, y: Tensor) -> Tensor:
+        """``Y @ S`` for a dense ``(n, d)`` tensor (rows of a gradient, no transposed copies)."""
+
+    @abstractmethod
+    def to_dense(self) -> Tensor:
+        """The ``d × d`` matrix (not for hot paths)."""
+
+
+class StructuredMatrix(PartsMatrix):
+    """A square matrix stored in a structure; every method keeps the structure.
+
+    Subclasses implement the products and projections.
+    """
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖S‖_F`` (0-d tensor; every stored number appears once in the matrix)."""
+        work = torch.promote_types(self.dtype, torch.float32)
+        return torch.sqrt(sum(t.to(work).square().sum() for t in self.tensors().values())).to(self.dtype)
+
+    def average_trace(self) -> Tensor:
+        """``tr(S) / d`` (0-d tensor)."""
+        return self.trace() / self.dim
+
     # -- products ------------------------------------------------------------------
     @abstractmethod
     def matmul(self: M, other: M) -> M:
         """``S @ other`` for another matrix of the same layout."""
 
     @abstractmethod
-    def mv(self, x: Tensor) -> Tensor:
-        """``S @ X`` for a dense ``(d, n)`` tensor."""
-
-    @abstractmethod
     def rmatmat(self, x: Tensor) -> Tensor:
         """``Sᵀ @ X`` for a dense ``(d, n)`` tensor (correct for non-symmetric ``S``)."""
 
     def rmul(self, y: Tensor) -> Tensor:
-        """``Y @ S`` for a dense ``(n, d)`` tensor (rows of a gradient, no transposed copies)."""
-        return self.rmatmat(y.T).T
+        return self.rmatmat(y.T).T  # Y S = (Sᵀ Yᵀ)ᵀ
 
     def __matmul__(self, other):
         return self.matmul(other) if isinstance(other, StructuredMatrix) else self.mv(other)
@@ -166,10 +181,12 @@ class StructuredMatrix(ABC):
         """``S Sᵀ X`` for a dense ``(d, n)`` tensor."""
         return self.mv(self.rmatmat(x))
 
-    def outer_self(self: M, out: M | None = None) -> M | None:
-        """``S Sᵀ`` when it stays in this structure (then one product applies it), else None.
+    def outer_self(self, out: PartsMatrix | None = None) -> PartsMatrix | None:
+        """``S Sᵀ`` held so that one product applies it, when that is cheaper than two; else None.
 
-        ``out``: a matrix of this layout whose tensors receive the result (no new memory).
+        Dense, block and diagonal keep it in their own structure; hierarchical
+        in its symmetric arrow form. ``out``: a previous result whose tensors
+        receive this one (no new memory).
         """
         return None
 
@@ -202,10 +219,6 @@ class StructuredMatrix(ABC):
     def trace(self) -> Tensor:
         """``tr(S)`` (0-d tensor)."""
 
-    # -- dense views (tests, inspection) ---------------------------------------------------
-    @abstractmethod
-    def to_dense(self) -> Tensor:
-        """The ``d × d`` matrix (not for hot paths)."""
 
 
 @dataclass(frozen=True)
