@@ -11,7 +11,9 @@ per iteration and the ratios ours/singd, ours/AdamW, singd/AdamW. A fourth
 copy trained by plain SGD gives the floor (forward + backward + the cheapest
 step); ``extra`` = iteration − floor is each optimizer's own time, and
 ``0.8·singd/floor < 1`` flags a configuration where 0.8 × singd's time is
-below what any optimizer can reach.
+below what any optimizer can reach. Untimed, ``torch.profiler`` counts the
+flops of each contender's matrix products per iteration: where two
+implementations do the same products, the counts agree and so do the times.
 
 Every configuration runs in its own fresh process (`common.in_fresh_process`),
 as a user runs one training configuration per process. In one long process the
@@ -124,6 +126,19 @@ def build(label: str, period: int, base: nn.Module, reference: type) -> dict[str
             FLOOR: (models[FLOOR], floor)}
 
 
+def flops_per_iteration(call: Callable[[], None], iterations: int) -> float:
+    """Floating-point operations of the matrix products in one iteration (``torch.profiler``'s count).
+
+    Untimed, after the timing. Products dominate every SINGD structure but
+    diagonal and Toeplitz, so equal counts at equal speed mean equal time.
+    """
+    from torch.profiler import profile
+
+    with profile(with_flops=True) as recorded:
+        call()
+    return sum(event.flops for event in recorded.key_averages() if event.flops) / iterations
+
+
 @torch.no_grad()
 def max_difference(a: nn.Module, b: nn.Module) -> float:
     """Largest entry-wise difference of two models' parameters."""
@@ -165,10 +180,12 @@ def _measure(label: str, period: int, sizes: tuple[int, ...], reference: type, a
     for trainer in trainers.values():
         trainer.iterations = per_call
     times = common.time_interleaved(calls, warmup=0, repeats=args.repeats, device=args.device)
+    flops = {name: flops_per_iteration(calls[name], per_call) for name in CONTENDERS}
     return {
         "structure": label, "singd_structure": STRUCTURES[label][0], "T": period,
         "iterations_per_call": per_call,
         "seconds_per_iteration": {name: [t / per_call for t in ts] for name, ts in times.items()},
+        "flops_per_iteration": flops,
         "trajectory": agreement,
         "final_loss": {name: t.last_loss() for name, t in trainers.items()},
         "finite_after_timing": {name: t.finite() for name, t in trainers.items()},
@@ -190,6 +207,7 @@ def summarize(raw: list[dict[str, Any]]) -> dict[str, Any]:
             "extra_seconds": extra,
             "ours_over_singd_extra": extra["ours"] / extra["singd"] if extra["singd"] > 0 else None,
             "target_over_floor": 0.8 * med["singd"] / med[FLOOR],
+            "gflop_per_iteration": {name: entry["flops_per_iteration"][name] / 1e9 for name in CONTENDERS},
             "max_abs_diff": entry["trajectory"]["max_abs_diff_singd_vs_ours"],
             "max_abs_move": entry["trajectory"]["max_abs_move_from_init"],
             "adamw_spread": common.spread(entry["seconds_per_iteration"]["AdamW"]),
@@ -224,12 +242,13 @@ def figure(summary: dict[str, Any]) -> Any:
 
 def report(summary: dict[str, Any]) -> None:
     headers = ["structure", "T", "floor [ms]", "AdamW [ms]", "singd [ms]", "ours [ms]", "ours/singd", "ours/AdamW",
-               "singd/AdamW", "extra ours/singd", "0.8·singd/floor", "max|Δparam|"]
+               "singd/AdamW", "extra ours/singd", "0.8·singd/floor", "GFLOP ours/singd", "max|Δparam|"]
     rows = [
         [r["structure"], r["T"], *(common.fmt_ms(r["seconds_per_iteration"][n]) for n in (FLOOR, *CONTENDERS)),
          *(common.fmt_ratio(r[k]) for k in ("ours_over_singd", "ours_over_adamw", "singd_over_adamw")),
          "-" if r["ours_over_singd_extra"] is None else common.fmt_ratio(r["ours_over_singd_extra"]),
-         common.fmt_ratio(r["target_over_floor"]), f"{r['max_abs_diff']:.2e}"]
+         common.fmt_ratio(r["target_over_floor"]),
+         f"{r['gflop_per_iteration']['ours']:.3g}/{r['gflop_per_iteration']['singd']:.3g}", f"{r['max_abs_diff']:.2e}"]
         for r in summary["rows"]
     ]
     common.print_table(headers, rows, "time per iteration (median of repeats, interleaved) and trajectory agreement")
@@ -257,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         "structures": {label: STRUCTURES[label][0] for label in labels}, "periods": periods,
         "trajectory_steps": args.steps, "repeats": args.repeats, "iterations_per_call": f"whole periods T, at least {MIN_ITERATIONS}",
         "hyperparameters": HYPER, "adamw_lr": ADAMW_LR, "ours_clip": None, "singd_version": version("singd"),
-        "isolation": "one fresh process per configuration (fork server that imported torch only)",
+        "isolation": "one fresh process per configuration (fork server that imported torch and singd_rkfac only)",
     }
     payload = common.new_payload(NAME, args, config)
     payload["raw"] = []

@@ -333,7 +333,7 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
-    """``function(*args)`` in a new process forked from a server that has only imported torch.
+    """``function(*args)`` in a new process forked from a server that has only imported torch and this package.
 
     Each measurement then starts from the same state whatever ran before it in
     this process. That matters on the CPU: glibc raises its mmap and trim
@@ -344,7 +344,7 @@ def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
     (the child loads that file by path); ``args`` and the result must pickle.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch"])
+    context.set_forkserver_preload(["torch", "singd_rkfac"])
     with context.Pool(1) as pool:
         return pool.apply(_call_from_file, (inspect.getfile(function), function.__name__, args))
 

@@ -136,6 +136,9 @@ def test_anchors_quick(tmp_path: Path) -> None:
     for entry in written["raw"]:
         for name in ("AdamW", "singd", "ours"):
             assert _positive_times(entry["seconds_per_iteration"][name])
+            assert entry["flops_per_iteration"][name] > 0
+        if entry["structure"] == "dense":  # the same algorithm: never more product flops than the package
+            assert entry["flops_per_iteration"]["ours"] <= 1.05 * entry["flops_per_iteration"]["singd"]
         trajectory = entry["trajectory"]
         assert all(trajectory["finite"].values())
         # same trajectory to within float32 rounding, and the weights really moved

@@ -224,6 +224,24 @@ def test_a_non_finite_entry_in_any_part_of_the_update_is_rejected(structure, bad
                 assert torch.equal(curvature.state_dict()[key], value), (side, part, key)
 
 
+@pytest.mark.parametrize("structure", SMALL_STRUCTURES, ids=lambda s: s.name)
+@pytest.mark.parametrize(("period", "alpha1"), [(1, 0.5), (10, 0.0)])
+def test_estimated_bytes_equal_the_state_held_caches_included(structure, period, alpha1):
+    """`estimate_bytes` (the policy's describe) predicts `memory_bytes`: K, C, momenta and cached K Kᵀ, C Cᵀ."""
+    model = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 3)).to(torch.float64)
+    method = sr.SINGD(structure=structure, update_every=period, alpha1=alpha1)
+    pre = sr.Preconditioner(model, sr.Policy(method))
+    for managed in pre.layers.values():
+        curvature = managed.curvature
+        state = sum(t.numel() * t.element_size() for t in curvature.state_dict().values() if isinstance(t, torch.Tensor))
+        caches = [m for m in (curvature.KKt, curvature.CCt) if m is not None]
+        assert curvature.memory_bytes() == state + sum(m.nbytes() for m in caches)
+        assert type(curvature).estimate_bytes(method, managed.layer.dims, torch.float64) == curvature.memory_bytes()
+    # the narrow last layer (d_g = 3) keeps no dense K Kᵀ at T = 1: two products on 3 columns are cheaper
+    if structure == sr.structures.Dense() and period == 1:
+        assert pre.layers["2"].curvature.KKt is None
+
+
 def test_policy_from_toml_form_and_describe(tmp_path):
     policy = sr.Policy.from_dict({
         "default": {"method": "singd", "structure": "block", "block_size": 4, "dtype": "bfloat16"},

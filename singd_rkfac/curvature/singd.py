@@ -32,12 +32,17 @@ from ..methods import SINGD
 from ..structures import Diagonal, DiagonalMatrix, PartsMatrix, Structure, StructuredMatrix
 from .base import BatchCounts, Curvature
 
-__all__ = ["SINGDCurvature", "k_structure"]
+__all__ = ["SINGDCurvature", "k_structure", "keeps_outer"]
 
 
 def k_structure(method: SINGD, dims: LayerDims) -> Structure:
     """The structure of ``K``: the method's, or diagonal when ``A`` is diagonal by construction."""
     return Diagonal() if dims.diagonal_a else method.k_structure
+
+
+def keeps_outer(numel: int, method: SINGD, dims: LayerDims) -> bool:
+    """Whether a factor of ``numel`` stored numbers caches its ``S Sᵀ`` (`SINGDCurvature._cache_outer`)."""
+    return numel < method.update_every * dims.d_g * dims.d_a
 
 
 class SINGDCurvature(Curvature):
@@ -176,9 +181,9 @@ class SINGDCurvature(Curvature):
         ``numel(K) ≈ b·d_a``), so it is kept when ``numel(K) < T·d_g·d_a``
         (``C`` alike).
         """
-        columns = self.method.update_every * self.dims.d_g * self.dims.d_a
-        self.KKt = self.K.outer_self(out=self.KKt) if self.K.numel() < columns else None
-        self.CCt = self.C.outer_self(out=self.CCt) if self.C.numel() < columns else None
+        method, dims = self.method, self.dims
+        self.KKt = self.K.outer_self(out=self.KKt) if keeps_outer(self.K.numel(), method, dims) else None
+        self.CCt = self.C.outer_self(out=self.CCt) if keeps_outer(self.C.numel(), method, dims) else None
 
     # -- preconditioning -------------------------------------------------------------
     @property
@@ -221,6 +226,10 @@ class SINGDCurvature(Curvature):
         self.updates = int(state["updates"])
         self._cache_outer()
 
+    def memory_bytes(self) -> int:
+        """The state's bytes plus the cached ``K Kᵀ`` and ``C Cᵀ``, which also persist between steps."""
+        return super().memory_bytes() + sum(m.nbytes() for m in (self.KKt, self.CCt) if m is not None)
+
     @classmethod
     def describe_note(cls, method: SINGD, dims: LayerDims) -> str:
         k, c = k_structure(method, dims), method.c_structure
@@ -232,7 +241,11 @@ class SINGDCurvature(Curvature):
     def estimate_bytes(cls, method: SINGD, dims: LayerDims, dtype: torch.dtype) -> int:
         size = torch.empty((), dtype=dtype).element_size()
         copies = 2 if method.momentum else 1
-        return size * copies * (k_structure(method, dims).numel(dims.d_a) + method.c_structure.numel(dims.d_g))
+        numbers = 0
+        for structure, dim in ((k_structure(method, dims), dims.d_a), (method.c_structure, dims.d_g)):
+            numel = structure.numel(dim)
+            numbers += copies * numel + (structure.outer_numel(dim) if keeps_outer(numel, method, dims) else 0)
+        return size * numbers
 
     @classmethod
     def cost(cls, method: SINGD, dims: LayerDims) -> float:

@@ -250,6 +250,11 @@ class Structure(ABC):
         """Stored numbers of one ``dim × dim`` matrix."""
         return self.zeros(dim, dtype=torch.float32, device="meta").numel()
 
+    def outer_numel(self, dim: int) -> int:
+        """Stored numbers of the cached ``S Sᵀ`` of one ``dim × dim`` matrix (0 when it has none)."""
+        outer = self.zeros(dim, dtype=torch.float32, device="meta").outer_self()
+        return 0 if outer is None else outer.numel()
+
     def clip_note(self, dim: int) -> str:
         """Text for ``describe()`` when a size is clipped to ``dim`` (else empty)."""
         return ""
