@@ -220,7 +220,6 @@ class StructuredMatrix(PartsMatrix):
         """``tr(S)`` (0-d tensor)."""
 
 
-
 @dataclass(frozen=True)
 class Structure(ABC):
     """A structure spec: validated sizes, and a factory of matrices of any dimension."""

@@ -60,7 +60,7 @@ class HierarchicalMatrix(StructuredMatrix):
         """An empty ``(d, k)`` result laid out like ``x`` and its row blocks (views): the products land in place.
 
         Matching ``x``'s layout matters: ``x`` is often a transposed gradient, and
-        an elementwise product between opposite layouts runs several times slower.
+        an element-wise product between opposite layouts runs several times slower.
         """
         out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, self.dtype))
         return out, self._rows(out)
