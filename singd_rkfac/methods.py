@@ -10,6 +10,7 @@ fields at construction, so a bad value fails where it is written, with a
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar
 
@@ -119,7 +120,7 @@ class Skip(Method):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CurvatureMethod(Method):
+class CurvatureMethod(Method, ABC):
     """Fields shared by every method that preconditions a layer.
 
     Attributes:
@@ -137,14 +138,14 @@ class CurvatureMethod(Method):
         check_choice(self, "loss_average", LOSS_AVERAGE)
 
     @property
+    @abstractmethod
     def statistics_every(self) -> int:
         """Capture layer statistics on steps that are multiples of this."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def row_layout(self) -> str:
         """How captured rows keep weight-shared positions (`singd_rkfac.layers.share_weights`)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -57,12 +57,8 @@ class HierarchicalMatrix(StructuredMatrix):
         )
 
     def _output(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """An empty ``(d, k)`` result laid out like ``x`` and its row blocks (views): the products land in place.
-
-        Matching ``x``'s layout matters: ``x`` is often a transposed gradient, and
-        an element-wise product between opposite layouts runs several times slower.
-        """
-        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, self.dtype))
+        """An empty ``(d, k)`` result laid out like ``x`` and its row blocks (views): the products land in place."""
+        out = self._empty_like(x)
         return out, self._rows(out)
 
     def mv(self, x: Tensor) -> Tensor:
@@ -171,7 +167,7 @@ class ArrowMatrix(PartsMatrix):
 
     def mv(self, x: Tensor) -> Tensor:
         k1, end = self.k1, self.k1 + self.middle.shape[0]
-        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, self.dtype))  # x's layout (see HierarchicalMatrix)
+        out = self._empty_like(x)
         x_corner, x_middle = torch.cat([x[:k1], x[end:]]), x[k1:end]
         y_corner = torch.mm(self.corners, x_corner).addmm_(self.border, x_middle)
         torch.mul(self.middle.unsqueeze(1), x_middle, out=out[k1:end]).addmm_(self.border.T, x_corner)
