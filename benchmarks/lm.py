@@ -18,7 +18,7 @@ Contenders (`POLICIES`): AdamW; K-FAC on every managed layer; the mixed policy
 head; B-KFAC everywhere (a factor where Brand is not valid uses the exact
 dense representation, see ``describe()``). ``nn.MultiheadAttention`` and the
 norm layers go to the fallback rule (AdamW) in every policy of ours; a tied
-embedding/head pair does too. All contenders train from the same initial
+embedding/head pair is one managed layer under the embedding's method. All contenders train from the same initial
 weights on the same batches, advanced one step each in turn (A B C A B C …),
 so the per-step times are interleaved. Reported: the loss curve, the final loss
 (mean of the last `TAIL` steps) and its ratio to AdamW's, the seconds per step,
@@ -216,7 +216,7 @@ def _mixed(model: nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
-#: Optimizer builders by label; ours leave attention, norms (and a tied embedding/head) to AdamW.
+#: Optimizer builders by label; ours leave attention and norms to AdamW.
 POLICIES: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "AdamW": lambda model: torch.optim.AdamW(model.parameters(), lr=ADAMW_LR),
     "KFAC": _ours(sr.Policy(KFAC_METHOD), KFAC_LR),

@@ -35,7 +35,7 @@ def loss_scale(grad_scaler: "torch.amp.GradScaler | None") -> Tensor | None:
     getter = getattr(grad_scaler, "_get_scale_async", None)  # the tensor itself, without .item()
     scale = getter() if getter is not None else None
     if scale is None:  # no backward has been scaled yet: the scale the next one will use
-        scale = torch.tensor([grad_scaler.get_scale()])
+        scale = torch.tensor([grad_scaler.get_scale()], dtype=torch.float32)  # GradScaler's own scale dtype
     return scale
 
 
@@ -55,19 +55,20 @@ def effective_scale(loss_scale: Tensor | None, prescale: Tensor | None) -> Tenso
 def unscale_and_check_(grads: Iterable[Tensor], inv_scale: Tensor | None = None) -> Tensor:
     """Multiply ``grads`` in place by ``inv_scale`` (if given) and flag any non-finite entry.
 
-    Returns a 0-d float tensor, ``> 0`` when some gradient held inf/NaN, on the
-    first gradient's device (CPU when there are none). One fused kernel per device.
+    Returns a 0-d float32 tensor (whatever the default dtype: the fused kernel takes float32
+    flags and scales only), ``> 0`` when some gradient held inf/NaN, on the first gradient's
+    device (CPU when there are none). One fused kernel per device.
     """
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
     for grad in grads:
         by_device[grad.device].append(grad)
     flags = []
     for device, tensors in by_device.items():
-        found = torch.zeros(1, device=device)
-        inverse = torch.ones(1, device=device) if inv_scale is None else inv_scale.to(device, torch.float32).reshape(1)
+        found = torch.zeros(1, dtype=torch.float32, device=device)  # the fused kernel demands float32 flag and scale
+        inverse = torch.ones(1, dtype=torch.float32, device=device) if inv_scale is None else inv_scale.to(device, torch.float32).reshape(1)
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, inverse)
         flags.append(found)
     if not flags:
-        return torch.zeros(())
+        return torch.zeros((), dtype=torch.float32)
     first = flags[0].device
     return sum(flag.to(first) for flag in flags).reshape(())

@@ -3,8 +3,10 @@
 The rule (DESIGN §3.6 cost model), per factor of width ``d``:
 
 1. **Compute**: ``d ≤ dense_max`` → dense eigh (exact; its O(d³) decomposition
-   is cheap at that size); wider → SRE-KFAC of rank ``rank`` (O(d²·r)
-   decomposition, O(d²) memory for the EA factor).
+   is cheap at that size); up to ``diagonal_min`` → SRE-KFAC of rank ``rank``
+   (O(d²·r) decomposition, O(d²) memory for the EA factor); wider →
+   diagonal (O(d): vocabulary-sized sides). This is `singd_rkfac.methods.by_width`,
+   the rule of ``a="auto"`` / ``g="auto"`` and so of the default policy.
 2. **Memory**: while the estimated curvature state exceeds ``memory_budget``,
    the widest factor not yet on Brand switches to B-KFAC (O(d·r) memory, no
    ``d × d`` tensor) — but only where Brand is valid, ``rank + rows < d``.
@@ -26,10 +28,10 @@ from torch import nn
 
 from .curvature import curvature_class
 from .layers import LayerDims
-from .methods import BKFAC, KFAC, SREKFAC, LowRankKFAC
+from .methods import AUTO_DENSE_MAX, AUTO_DIAGONAL_MIN, AUTO_RANK, BKFAC, DIAGONAL, KFAC, LowRankKFAC, by_width
 
 if TYPE_CHECKING:
-    from .policy import Policy
+    from .policy import Policy, plan_layer
 
 __all__ = ["auto_policy"]
 
@@ -60,7 +62,9 @@ class _Layer:
 
 
 def _short(config: KFAC) -> str | KFAC:
-    """``"eigh"`` for the dense side, the config itself otherwise."""
+    """``"eigh"`` / ``"diagonal"`` for a dense / diagonal side, the config itself otherwise."""
+    if config.representation == "diagonal":
+        return DIAGONAL
     return config if isinstance(config, LowRankKFAC) else config.inverse
 
 
@@ -68,8 +72,9 @@ def auto_policy(
     model: nn.Module,
     *,
     memory_budget: int | None = None,
-    dense_max: int = 1024,
-    rank: int = 64,
+    dense_max: int = AUTO_DENSE_MAX,
+    diagonal_min: int = AUTO_DIAGONAL_MIN,
+    rank: int = AUTO_RANK,
     rows: int | None = None,
     **fields: Any,
 ) -> "Policy":
@@ -79,28 +84,31 @@ def auto_policy(
         model: the model the policy is for.
         memory_budget: bytes of curvature state allowed in total (``None`` = no limit).
         dense_max: widest factor kept dense (the compute knob).
+        diagonal_min: factors wider than this are diagonal (vocabulary-sized sides).
         rank: rank of the low-rank representations.
         rows: rows per statistics step (batch × positions) if known — Brand is
             only chosen where ``rank + rows < d``; ``None`` assumes it is valid.
         fields: shared K-FAC fields (``damping``, ``ema``, ``inverse_every``, ...).
     """
-    from .policy import Policy
+    from .policy import Policy, plan_layer
 
-    for name, value in (("dense_max", dense_max), ("rank", rank)):
+    for name, value in (("dense_max", dense_max), ("diagonal_min", diagonal_min), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Policy.auto: {name} must be an integer >= 1 (got {value!r})")
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0):
         raise ValueError(f"Policy.auto: memory_budget must be a number of bytes >= 0 or None (got {memory_budget!r})")
     base = Policy(KFAC(**fields))  # validates the shared fields
-    dense, sketched, brand = KFAC(), SREKFAC(rank=rank), BKFAC(rank=rank)
+    brand = BKFAC(rank=rank)
     layers = []
     for plan in base.plan(model):
-        if plan.method is None:
+        if not plan.manages:
             continue
-        layer = plan.layer_cls(plan.module)
+        layer = plan_layer(plan)
         dtype = curvature_class(plan.method).state_dtype(plan.method, layer.weight.dtype)
         entry = _Layer(plan.name, layer.dims, dtype, {})
-        entry.sides = {side: dense if entry.width(side) <= dense_max else sketched for side in SIDES}
+        entry.sides = {
+            side: by_width(entry.width(side), dense_max=dense_max, diagonal_min=diagonal_min, rank=rank) for side in SIDES
+        }
         layers.append(entry)
     if memory_budget is not None:
         _fit_memory(layers, memory_budget, brand, rows, fields)

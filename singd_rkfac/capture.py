@@ -25,9 +25,10 @@ from torch.utils.hooks import RemovableHandle
 
 from . import amp
 from .curvature import BatchCounts
+from .curvature.tied import TiedCounts
 from .layers import Layer
 
-__all__ = ["ForwardPasses", "LayerCapture"]
+__all__ = ["ForwardPasses", "LayerCapture", "TiedCapture"]
 
 
 class ForwardPasses:
@@ -125,3 +126,52 @@ class LayerCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+class TiedCapture:
+    """The captures of a tied weight's uses, driven as one (`LayerCapture`'s interface).
+
+    Each use's capture stages its rows with ``stage(use, a, g)``; `take`
+    returns the totals with each use's own counts (`TiedCounts`).
+    """
+
+    def __init__(self, captures: list[LayerCapture]) -> None:
+        self.captures = captures
+
+    @property
+    def active(self) -> bool:
+        return self.captures[0].active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        for capture in self.captures:
+            capture.active = value
+
+    @property
+    def g_prescale(self) -> Tensor | None:
+        return self.captures[0].g_prescale
+
+    @g_prescale.setter
+    def g_prescale(self, value: Tensor | None) -> None:
+        for capture in self.captures:
+            capture.g_prescale = value
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return self.captures[0].grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, value: torch.amp.GradScaler | None) -> None:
+        for capture in self.captures:
+            capture.grad_scaler = value
+
+    def take(self) -> TiedCounts | None:
+        uses = tuple(capture.take() for capture in self.captures)
+        present = [c for c in uses if c is not None]
+        if not present:
+            return None
+        return TiedCounts(rows=sum(c.rows for c in present), samples=max(c.samples for c in present), uses=uses)
+
+    def remove(self) -> None:
+        for capture in self.captures:
+            capture.remove()

@@ -20,7 +20,7 @@ from .linalg.kron import COMPLEMENTS
 from .structures import STRUCTURES, Block, Hierarchical, LowRank, Structure, Toeplitz
 
 __all__ = [
-    "Method", "Skip", "CurvatureMethod", "KroneckerMethod", "KFAC", "LowRankKFAC", "SketchedKFAC", "RKFAC", "SREKFAC",
+    "Method", "Skip", "CurvatureMethod", "KroneckerMethod", "KFAC", "DiagonalKFAC", "LowRankKFAC", "SketchedKFAC", "RKFAC", "SREKFAC",
     "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC", "SINGD", "SENG", "TwoLevel", "COARSE_SPACES", "METHODS",
 ]
 
@@ -28,6 +28,16 @@ KFAC_APPROX = ("expand", "reduce")
 LOSS_AVERAGE = ("batch", None)
 DAMPING_MODES = ("pi", "exact")
 DENSE_INVERSES = ("eigh", "cholesky")
+#: Representation names a K-FAC side takes besides the dense inverses and the low-rank method names.
+AUTO, DIAGONAL = "auto", "diagonal"
+
+#: The width rule of ``a="auto"`` / ``g="auto"`` (and `Policy.auto`, the default policy): a factor at
+#: most `AUTO_DENSE_MAX` wide is dense (exact; its O(d³) decomposition is cheap there), one wider than
+#: `AUTO_DIAGONAL_MIN` is diagonal (O(d): vocabulary-sized sides, where even the d² EA factor of a
+#: low-rank sketch does not fit), and in between SRE-KFAC of rank `AUTO_RANK` (O(d²·r)).
+AUTO_DENSE_MAX = 1024
+AUTO_DIAGONAL_MIN = 8192
+AUTO_RANK = 64
 
 
 def _fail(method: Any, field: str, expected: str, value: Any) -> None:
@@ -191,9 +201,13 @@ class KFAC(KroneckerMethod):
             factors are inverted (low-rank methods use it for factors they
             represent exactly, e.g. a rank at or above the dimension).
         a: representation of the input-side factor A: ``None`` (this
-            method's), ``"eigh"``, ``"cholesky"``, a low-rank method name
-            (``"rkfac"``, ``"bkfac"``, ...) or a K-FAC-family config such as
-            ``sr.BKFAC(rank=128)`` (only its representation fields are used).
+            method's), ``"eigh"``, ``"cholesky"``, ``"diagonal"`` (only the
+            diagonal of ``A``: ``d`` numbers), a low-rank method name
+            (``"rkfac"``, ``"bkfac"``, ...), a K-FAC-family config such as
+            ``sr.BKFAC(rank=128)`` (only its representation fields are used),
+            or ``"auto"``: chosen by the factor's width (`by_width`: dense up
+            to 1024, SRE-KFAC rank 64 up to 8192, diagonal above) — what the
+            default policy uses.
         g: the same for the output-gradient factor G.
     """
 
@@ -216,7 +230,7 @@ class KFAC(KroneckerMethod):
         check_int(self, "inverse_every", 1)
         check_choice(self, "damping_mode", DAMPING_MODES)
         check_choice(self, "inverse", DENSE_INVERSES)
-        names = (*DENSE_INVERSES, *sorted(n for n, c in METHODS.items() if issubclass(c, LowRankKFAC)))
+        names = (AUTO, DIAGONAL, *DENSE_INVERSES, *sorted(n for n, c in METHODS.items() if issubclass(c, LowRankKFAC)))
         for side in ("a", "g"):
             value = getattr(self, side)
             if isinstance(value, KFAC):
@@ -235,20 +249,62 @@ class KFAC(KroneckerMethod):
         """Whether dense factors of this config are inverted by Cholesky."""
         return self.representation == "dense" and self.inverse == "cholesky"
 
-    def factor(self, side: str) -> "KFAC":
-        """The config whose representation serves factor ``side`` (``"a"`` or ``"g"``)."""
+    def factor(self, side: str, dim: int | None = None) -> "KFAC":
+        """The config whose representation serves factor ``side`` (``"a"`` or ``"g"``) of width ``dim``.
+
+        ``"auto"`` needs the width (`by_width`); without it (validation) it
+        stands for its dense choice.
+        """
         value = getattr(self, side)
         if value is None:
             return self
         if isinstance(value, KFAC):
             return value
+        if value == AUTO:
+            return by_width(dim, self.inverse) if dim is not None else KFAC(inverse=self.inverse)
         if value in DENSE_INVERSES:
             return KFAC(inverse=value)
+        if value == DIAGONAL:
+            return DiagonalKFAC()
         return METHODS[value]()
+
+    def chooses_by_width(self, side: str) -> bool:
+        """Whether factor ``side`` is ``"auto"`` (its representation depends on its width)."""
+        return getattr(self, side) == AUTO
 
     @property
     def statistics_every(self) -> int:
         return self.stats_every
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiagonalKFAC(KFAC):
+    """Diagonal K-FAC: each factor keeps only its diagonal (``d`` numbers, O(d·rows) statistics).
+
+    ``V = (diag G + λ_G)⁻¹ ∇W (diag A + λ_A)⁻¹``: an elementwise scaling, as
+    cheap as Adam's, that still follows the Kronecker structure. As one side's
+    representation (``g="diagonal"``) it is what the default policy gives
+    vocabulary-sized factors.
+    """
+
+    name: ClassVar[str] = "diagonalkfac"
+    representation: ClassVar[str] = "diagonal"
+
+
+def by_width(
+    dim: int,
+    inverse: str = "eigh",
+    *,
+    dense_max: int = AUTO_DENSE_MAX,
+    diagonal_min: int = AUTO_DIAGONAL_MIN,
+    rank: int = AUTO_RANK,
+) -> KFAC:
+    """The representation ``"auto"`` picks for a ``dim``-wide factor: dense, SRE-KFAC or diagonal by width."""
+    if dim <= dense_max:
+        return KFAC(inverse=inverse)
+    if dim <= diagonal_min:
+        return SREKFAC(rank=rank)
+    return DiagonalKFAC()
 
 
 def _check_adaptive_rank(method: "LowRankKFAC") -> None:
@@ -635,5 +691,5 @@ class TwoLevel:
 
 #: Every method config by its lowercase name (the ``from_dict`` / TOML form).
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (KFAC, RKFAC, SREKFAC, NystromKFAC, BKFAC, BRKFAC, BKFACC, SINGD, SENG, Skip)
+    cls.name: cls for cls in (KFAC, DiagonalKFAC, RKFAC, SREKFAC, NystromKFAC, BKFAC, BRKFAC, BKFACC, SINGD, SENG, Skip)
 }

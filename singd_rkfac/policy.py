@@ -27,14 +27,15 @@ from ._table import format_bytes, format_table
 from .auto import auto_policy
 from .curvature import curvature_class
 from .layers import Layer, layer_class
-from .methods import KFAC, METHODS, CurvatureMethod, Method, Skip
+from .layers.tied import TiedLayer
+from .methods import AUTO, KFAC, METHODS, CurvatureMethod, Method, Skip
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["Rule", "Policy", "LayerPlan", "method_from_dict"]
+__all__ = ["Rule", "Policy", "LayerPlan", "DESCRIBE_COLUMNS", "DEFAULT_METHOD", "method_from_dict", "plan_layer", "tied_row"]
 
 Matcher = Union[str, type, Callable[[str, nn.Module], bool]]
 
@@ -125,8 +126,12 @@ class LayerPlan:
         module: the module.
         method: the curvature method, or ``None`` for the fallback rule.
         layer_cls: the adapter class when managed.
-        note: why a module goes to the fallback (empty when managed).
+        note: why a module goes to the fallback (empty when managed), or how a tied use is served.
         warn: whether the fallback is unexpected enough to warn about.
+        tied: for the first module of a tied weight (model order), the other
+            uses as ``(name, module, adapter class)``: one curvature serves them all.
+        tied_to: for the other uses, the name of that first module (their
+            plan is served by its layer; the preconditioner manages no layer of its own for them).
     """
 
     name: str
@@ -135,12 +140,41 @@ class LayerPlan:
     layer_cls: type[Layer] | None
     note: str = ""
     warn: bool = False
+    tied: tuple[tuple[str, nn.Module, type[Layer]], ...] = ()
+    tied_to: str | None = None
+
+    @property
+    def manages(self) -> bool:
+        """Whether the preconditioner manages a layer for this plan (not the fallback, not a tied follower)."""
+        return self.method is not None and self.tied_to is None
 
 
 def fallback_row(plan: LayerPlan) -> list[str]:
     """A ``describe()`` table row for a module left to the fallback rule."""
     shapes = ", ".join("×".join(map(str, p.shape)) for p in plan.module.parameters(recurse=False) if p.requires_grad)
-    return [plan.name or "(root)", type(plan.module).__name__, shapes, "fallback", "", plan.note]
+    return [plan.name or "(root)", type(plan.module).__name__, "", shapes, "fallback", "", plan.note]
+
+
+def tied_row(plan: LayerPlan) -> list[str]:
+    """A ``describe()`` table row for a tied weight's use served by its first use's layer."""
+    layer = plan.layer_cls(plan.module)
+    return [plan.name, type(plan.module).__name__, layer.adapter_text, layer.shape_text, plan.method.summary(), "", plan.note]
+
+
+def plan_layer(plan: LayerPlan) -> "Layer | TiedLayer":
+    """The adapter of a managed plan: the module's own, or one `TiedLayer` over a tied weight's uses."""
+    layer = plan.layer_cls(plan.module)
+    if not plan.tied:
+        return layer
+    return TiedLayer([(plan.name, layer), *((name, cls(module)) for name, module, cls in plan.tied)])
+
+
+#: The default policy's method: K-FAC, each factor's representation chosen by its width
+#: (`singd_rkfac.methods.by_width`), so no default allocates a dense vocabulary-sized factor.
+DEFAULT_METHOD = KFAC(a=AUTO, g=AUTO)
+
+#: Columns of every ``describe()`` table (policy and optimizer).
+DESCRIBE_COLUMNS = ("layer", "type", "adapter", "shape", "method", "state", "note")
 
 
 def _owns_trainable_parameters(module: nn.Module) -> bool:
@@ -162,6 +196,10 @@ class _ModelFacts:
     functional: dict[int, str]
     owners: dict[int, list[str]]
     seq_first: dict[int, str]
+    modules: dict[str, nn.Module]
+
+    def module(self, name: str) -> nn.Module:
+        return self.modules[name]
 
     @classmethod
     def of(cls, model: nn.Module) -> "_ModelFacts":
@@ -174,7 +212,7 @@ class _ModelFacts:
             for param in module.parameters(recurse=False):
                 if param.requires_grad:
                     owners[id(param)].append(name)
-        return cls(functional, dict(owners), seq_first)
+        return cls(functional, dict(owners), seq_first, dict(model.named_modules()))
 
     def tied_with(self, name: str, module: nn.Module) -> list[str]:
         """Other modules owning a parameter of ``module`` (tied weights), in model order."""
@@ -194,10 +232,6 @@ def _fallback(
     name: str, module: nn.Module, method: Method, cls: type[Layer] | None, facts: _ModelFacts
 ) -> tuple[str, bool] | None:
     """``(note, warn)`` when ``module`` goes to the fallback rule, ``None`` when ``method`` manages it."""
-    tied = facts.tied_with(name, module)
-    if tied:  # before Skip: one managed user would precondition the sum of both uses' gradients
-        others = ", ".join(repr(other) for other in tied)
-        return f"a parameter is shared with {others} (tied weights): fallback rule, updated once", True
     if isinstance(method, Skip):
         return "skipped by policy", False
     if isinstance(module, NORM_TYPES):
@@ -220,16 +254,43 @@ def _fallback(
     return None
 
 
+def _tie_fallback(
+    uses: list[tuple[str, nn.Module]], method: Method, classes: list[type[Layer] | None], facts: _ModelFacts
+) -> tuple[str, bool] | None:
+    """``(note, warn)`` when a tied weight's uses cannot share one curvature, ``None`` when they can (`_TIE_RULE`)."""
+    names = ", ".join(repr(n) for n, _ in uses)
+    for (name, module), cls in zip(uses, classes):
+        own = _fallback(name, module, method, cls, facts)
+        if own is not None:
+            note, warn = own
+            return (note if name == uses[0][0] else f"tied with {name!r}, which goes to the fallback rule ({note})"), warn
+    for name, module in uses:
+        shared = [p for p in module.parameters(recurse=False) if len(facts.owners.get(id(p), ())) > 1]
+        weight = getattr(module, "weight", None)
+        if len(shared) != 1 or shared[0] is not weight or weight.ndim != 2:
+            return (f"parameters shared by {names}: a tied weight is preconditioned when it is the 2-D weight "
+                    f"of every use (in {name!r} it is not)"), True
+    assert isinstance(method, CurvatureMethod)
+    if method.row_layout == "sample":
+        return (f"weight tied between {names}: {method.summary()} keeps per-sample gradients of one module, "
+                "which a weight used by several modules does not have"), True
+    return None
+
+
 class Policy:
     """A default method and ordered rules: which curvature method each layer gets.
 
     Args:
-        default: method for supported layers no rule matches (``sr.KFAC()`` if ``None``).
+        default: method for supported layers no rule matches; ``None`` gives
+            `DEFAULT_METHOD`, K-FAC with each factor's representation chosen
+            by its width (``sr.KFAC(a="auto", g="auto")``: dense up to 1024,
+            SRE-KFAC rank 64 up to 8192, diagonal above). Ask for
+            ``sr.KFAC()`` to get dense factors everywhere.
         rules: ``Rule`` objects or ``(match, method)`` tuples; first match wins.
     """
 
     def __init__(self, default: Method | None = None, rules: Sequence[Rule | tuple] = ()) -> None:
-        self.default = KFAC() if default is None else default
+        self.default = DEFAULT_METHOD if default is None else default
         if not isinstance(self.default, Method):
             raise ValueError(f"Policy.default must be a method config such as sr.KFAC() (got {self.default!r})")
         self.rules: tuple[Rule, ...] = tuple(self._as_rule(r, i) for i, r in enumerate(rules))
@@ -257,12 +318,23 @@ class Policy:
         """A `LayerPlan` for every module that owns trainable parameters (of the model inside a ``torch.compile`` wrapper)."""
         model = _uncompiled(model)
         facts = _ModelFacts.of(model)
-        plans = []
-        for name, module in model.named_modules():
+        modules = dict(model.named_modules())
+        plans: list[LayerPlan] = []
+        followers: dict[str, LayerPlan] = {}
+        for name, module in modules.items():
             if not _owns_trainable_parameters(module):
+                continue
+            if name in followers:
+                plans.append(followers.pop(name))
                 continue
             method = self.method_for(name, module)
             cls = layer_class(module)
+            tied = facts.tied_with(name, module)
+            if tied:
+                head, rest = self._plan_tie(name, [(n, modules[n]) for n in tied], method, facts)
+                plans.append(head)
+                followers.update((p.name, p) for p in rest)
+                continue
             fallback = _fallback(name, module, method, cls, facts)
             if fallback is None:
                 plans.append(LayerPlan(name, module, method, cls))
@@ -270,26 +342,53 @@ class Policy:
                 plans.append(LayerPlan(name, module, None, None, *fallback))
         return plans
 
+    def _plan_tie(
+        self, name: str, others: list[tuple[str, nn.Module]], method: Method, facts: _ModelFacts
+    ) -> tuple[LayerPlan, list[LayerPlan]]:
+        """The plans of a tied weight's first use ``name`` and of its other uses (model order)."""
+        uses = [(name, facts.module(name)), *others]
+        classes = [layer_class(m) for _, m in uses]
+        fallback = _tie_fallback(uses, method, classes, facts)
+        if fallback is not None:
+            note, warn = fallback
+            shared = ", ".join(repr(n) for n, _ in others)
+            head = LayerPlan(name, uses[0][1], None, None, f"{note}; shared with {shared}: fallback rule, updated once", warn)
+            rest = [LayerPlan(n, m, None, None, f"tied with {name!r}: fallback rule, updated once") for n, m in others]
+            return head, rest
+        disagree = [n for n, m in others if self.method_for(n, m) != method]
+        note = f"tied weight, also used by {', '.join(repr(n) for n, _ in others)}"
+        if disagree:
+            note += f" (the policy's method for {', '.join(map(repr, disagree))} is not used: the first use's serves all)"
+        followers = tuple((n, m, cls) for (n, m), cls in zip(others, classes[1:]))
+        head = LayerPlan(name, uses[0][1], method, classes[0], note, bool(disagree), tied=followers)
+        rest = [LayerPlan(n, m, method, cls, f"tied to {name!r}: preconditioned with it", tied_to=name)
+                for n, m, cls in followers]
+        return head, rest
+
     def resolve(self, model: nn.Module) -> dict[str, CurvatureMethod | None]:
         """Every parameter-owning module's method (``None`` = fallback rule)."""
         return {p.name: p.method for p in self.plan(model)}
 
     def describe(self, model: nn.Module) -> str:
-        """A table of layer, type, shape, method and estimated curvature-state bytes."""
+        """A table of layer, type, adapter (`singd_rkfac.layers`), shape, method and estimated curvature-state bytes."""
         rows = []
         total = 0
         for p in self.plan(model):
             if p.method is None:
                 rows.append(fallback_row(p))
                 continue
-            layer = p.layer_cls(p.module)
+            if p.tied_to is not None:
+                rows.append(tied_row(p))
+                continue
+            layer = plan_layer(p)
             implementation = curvature_class(p.method)
             dtype = implementation.state_dtype(p.method, layer.weight.dtype)
             size = implementation.estimate_bytes(p.method, layer.dims, dtype)
             total += size
-            note = implementation.describe_note(p.method, layer.dims)
-            rows.append([p.name, type(p.module).__name__, layer.shape_text, p.method.summary(), format_bytes(size), note])
-        table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
+            note = "; ".join(filter(None, (implementation.describe_note(p.method, layer.dims), p.note)))
+            rows.append([p.name, type(p.module).__name__, layer.adapter_text, layer.shape_text, p.method.summary(),
+                         format_bytes(size), note])
+        table = format_table(list(DESCRIBE_COLUMNS), rows)
         return f"{table}\ncurvature state (estimated): {format_bytes(total)}"
 
     #: A K-FAC-family representation per layer and factor from sizes and a

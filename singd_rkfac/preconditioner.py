@@ -8,6 +8,7 @@ step) and is the engine inside `Optimizer`.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,12 +17,14 @@ from torch import Tensor, nn
 
 from ._table import format_bytes, format_table
 from . import amp
-from .capture import ForwardPasses, LayerCapture
+from .capture import ForwardPasses, LayerCapture, TiedCapture
 from . import distributed
 from .curvature import BatchCounts, Curvature, curvature_class
+from .curvature.tied import TiedCurvature
 from .layers import Layer
+from .layers.tied import TiedLayer
 from .methods import CurvatureMethod, TwoLevel
-from .policy import LayerPlan, Policy, fallback_row
+from .policy import DESCRIBE_COLUMNS, LayerPlan, Policy, fallback_row, plan_layer, tied_row
 from .twolevel import CoarseCorrection
 
 __all__ = ["Preconditioner", "ManagedLayer"]
@@ -32,10 +35,10 @@ class ManagedLayer:
     """One managed module: its adapter, method, curvature state and hooks."""
 
     name: str
-    layer: Layer
+    layer: Layer | TiedLayer
     method: CurvatureMethod
     curvature: Curvature
-    capture: LayerCapture
+    capture: LayerCapture | TiedCapture
     warned_no_statistics: bool = False
 
 
@@ -111,9 +114,11 @@ class Preconditioner:
         self._passes = ForwardPasses(model)
         plans = self.policy.plan(model)
         self.layers: dict[str, ManagedLayer] = {
-            p.name: self._manage(p, max_decomposition_failures) for p in plans if p.method is not None
+            p.name: self._manage(p, max_decomposition_failures) for p in plans if p.manages
         }
         self.fallback_plans: list[LayerPlan] = [p for p in plans if p.method is None]
+        #: Uses of tied weights served by another module's layer (`LayerPlan.tied_to`).
+        self.tied_plans: list[LayerPlan] = [p for p in plans if p.tied_to is not None]
         #: Two-level K-FAC's coarse correction, or ``None``.
         self.two_level: CoarseCorrection | None = None
         if two_level is not None:
@@ -122,7 +127,7 @@ class Preconditioner:
             except Exception:
                 self.remove()
                 raise
-        unexpected = [f"{p.name or '(root)'} ({p.note})" for p in self.fallback_plans if p.warn]
+        unexpected = [f"{p.name or '(root)'} ({p.note})" for p in plans if p.warn]
         if unexpected:
             warnings.warn(
                 "these modules go to the fallback rule: " + "; ".join(unexpected),
@@ -140,14 +145,22 @@ class Preconditioner:
                 raise
 
     def _manage(self, plan: LayerPlan, max_failures: int) -> ManagedLayer:
-        layer = plan.layer_cls(plan.module)
+        layer = plan_layer(plan)
         method = plan.method
         implementation = curvature_class(method)
         dtype = implementation.state_dtype(method, layer.weight.dtype)
-        curvature = implementation(
+        curvature: Curvature = implementation(
             method, layer.dims, device=layer.weight.device, dtype=dtype, name=plan.name, max_failures=max_failures
         )
-        capture = LayerCapture(plan.name, layer, method.row_layout, dtype, curvature.accumulate, self._passes)
+        capture: LayerCapture | TiedCapture
+        if isinstance(layer, TiedLayer):  # one curvature, one capture per use staging into it
+            curvature = TiedCurvature(curvature, layer.uses)
+            capture = TiedCapture([
+                LayerCapture(use.name, use.layer, method.row_layout, dtype, partial(curvature.stage, i), self._passes)
+                for i, use in enumerate(layer.uses)
+            ])
+        else:
+            capture = LayerCapture(plan.name, layer, method.row_layout, dtype, curvature.accumulate, self._passes)
         capture.grad_scaler = self.grad_scaler
         return ManagedLayer(plan.name, layer, method, curvature, capture)
 
@@ -419,12 +432,13 @@ class Preconditioner:
             if not m.curvature.ready:
                 note = (note + "; " if note else "") + "no statistics yet"
             rows.append(
-                [name, type(m.layer.module).__name__, m.layer.shape_text, m.method.summary(),
+                [name, type(m.layer.module).__name__, m.layer.adapter_text, m.layer.shape_text, m.method.summary(),
                  format_bytes(m.curvature.memory_bytes()), note]
             )
+        rows.extend(tied_row(p) for p in self.tied_plans)
         rows.extend(fallback_row(p) for p in self.fallback_plans)
         total = sum(self.memory_bytes().values())
-        table = format_table(["layer", "type", "shape", "method", "state", "note"], rows)
+        table = format_table(list(DESCRIBE_COLUMNS), rows)
         text = f"{table}\ncurvature state: {format_bytes(total)}"
         if self.two_level is not None:
             text += f"\n{self.two_level.describe()}: {format_bytes(self.two_level.memory_bytes())}"

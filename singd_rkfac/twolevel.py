@@ -182,7 +182,7 @@ class CoarseCorrection:
         if coarse == "spectral":
             return {name: self._spectral_vector(name, *rows[name]) for name in self.names}
         # residual of the fine level: ∇ − (F + λI) ζ, with F ζ = c Σ_n (Σ_j ⟨G_{n,j}, ζ_j⟩) G_n
-        fine = {name: directions.get(name, torch.zeros(d_g, d_a, device=self.device)).to(self.dtype)
+        fine = {name: directions.get(name, torch.zeros(d_g, d_a, dtype=self.dtype, device=self.device)).to(self.dtype)
                 for name, (d_a, d_g) in self._dims.items()}
         fisher_weights = sum(sample_projections(*rows[name], fine[name]) for name in self.names)
         vectors = {}

@@ -60,10 +60,10 @@ def test_unsupported_layers_warn_once_at_construction():
 def test_describe_lists_layers_methods_and_bytes():
     text = sr.Policy(sr.KFAC(), rules=[("head", sr.Skip())]).describe(Net())
     lines = text.splitlines()
-    assert lines[0].split() == ["layer", "type", "shape", "method", "state", "note"]
+    assert lines[0].split() == ["layer", "type", "adapter", "shape", "method", "state", "note"]
     body = next(line for line in lines if line.startswith("body.0"))
     # float32 factors: A (16+1)², G 32², each stored with its inverse
-    assert "16→32" in body and "kfac" in body and f"{4 * 2 * (17**2 + 32**2) / 1024:.1f} KiB" in body
+    assert "LinearLayer" in body and "16→32" in body and "kfac" in body and f"{4 * 2 * (17**2 + 32**2) / 1024:.1f} KiB" in body
     assert any(line.startswith("head") and "skipped by policy" in line for line in lines)
 
 

@@ -6,6 +6,8 @@ The LM and its synthetic tokens are those of the ``lm`` benchmark
 
 from __future__ import annotations
 
+import copy
+
 import math
 import warnings
 
@@ -111,23 +113,31 @@ class Tied(nn.Module):
         return self.head(torch.tanh(self.mix(self.embed(tokens))))
 
 
-def test_tied_weight_goes_to_the_fallback_once_and_is_updated_exactly_once():
+def test_tied_weight_is_one_managed_layer_and_is_updated_exactly_once():
     model = Tied().double()
     plan = {p.name: p for p in sr.Policy().plan(model)}
-    for name, other in (("embed", "'head'"), ("head", "'embed'")):
-        assert plan[name].method is None and plan[name].warn and f"shared with {other} (tied weights)" in plan[name].note
-    opt, messages = _caught(lambda: sr.Optimizer(model, sr.Policy(sr.KFAC()), lr=0.1))
-    assert len(messages) == 1 and "embed (" in messages[0] and "head (" in messages[0]
+    assert plan["embed"].manages and [name for name, _, _ in plan["embed"].tied] == ["head"]
+    assert plan["head"].tied_to == "embed" and not plan["head"].manages and not plan["head"].warn
+    opt, messages = _caught(lambda: sr.Optimizer(model, sr.Policy(sr.KFAC()), lr=0.1, clip=None))
+    assert messages == []
     shared = model.embed.weight
     assert sum(p is shared for g in opt.param_groups for p in g["params"]) == 1
+    assert opt.preconditioner.layers.keys() == {"embed", "mix"}
+    assert opt.preconditioner.fallback_parameters() == [model.head.bias]  # the head's own bias is not shared
+    pre = sr.Preconditioner(copy.deepcopy(model), sr.Policy(sr.KFAC()))
     tokens, targets = torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6, 3))
-    for _ in range(2):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(tokens).reshape(-1, 7), targets.reshape(-1)).backward()
-        before, grad = shared.detach().clone(), shared.grad.clone()
+    for _ in range(2):  # one SGD update of the shared weight per step, with its one preconditioned gradient
+        for net in (model, pre.model):
+            net.zero_grad()
+            nn.functional.cross_entropy(net(tokens).reshape(-1, 7), targets.reshape(-1)).backward()
+        before = shared.detach().clone()
         opt.step()
-        torch.testing.assert_close(shared.detach(), before - 0.1 * grad, rtol=0, atol=1e-15)  # one SGD update
-    assert opt.preconditioner.layers.keys() == {"mix"}
+        pre.step()
+        torch.testing.assert_close(shared.detach(), before - 0.1 * pre.model.embed.weight.grad, rtol=0, atol=1e-12)
+        with torch.no_grad():
+            pre.model.embed.weight.copy_(shared)
+            pre.model.mix.load_state_dict(model.mix.state_dict())
+            pre.model.head.bias.copy_(model.head.bias)
 
 
 # -- the tiny LM -------------------------------------------------------------------------------------------
@@ -145,7 +155,7 @@ def test_resolve_shows_the_transformer_block_layers_managed(tied):
     fallback = {name for name, method in resolved.items() if method is None}
     assert {"blocks.0.linear1", "blocks.0.linear2", "pos"} <= managed
     assert {"blocks.0.self_attn", "blocks.0.self_attn.out_proj", "blocks.0.norm1", "blocks.0.norm2", "norm"} <= fallback
-    assert ({"embed", "head"} <= fallback) if tied else ({"embed", "head"} <= managed)
+    assert {"embed", "head"} <= managed  # tied: one layer for the shared matrix, its method for both uses
 
 
 @pytest.mark.parametrize("label", ["KFAC", "SINGD", "BKFAC"])
@@ -176,9 +186,10 @@ def test_tiny_lm_trains_with_finite_values(label, tied):
 
 def test_run_lm_reports_every_number():
     result, messages = _caught(lambda: lm.run_lm("SINGD-bf16+KFAC-head", 4, "cpu", None, tied=True))
-    assert len(messages) == 1 and "tied weights" in messages[0]
+    # the tied head's own rule (K-FAC) yields to the embedding's SINGD, which serves the shared weight
+    assert len(messages) == 1 and "the first use's serves all" in messages[0]
     assert len(result["losses"]) == 4 == len(result["seconds_per_step"]) and result["finite"]
     assert 0 < result["oracle_loss"] < math.log(QUICK.vocab) and result["state_bytes"] > 0
-    assert "embed" in result["fallback"] and "head" in result["fallback"] and "blocks.0.linear1" in result["managed"]
+    assert "embed" in result["managed"] and "head" not in result["fallback"] and "blocks.0.linear1" in result["managed"]
     with pytest.raises(ValueError, match="unknown policy 'Shampoo'"):
         lm.run_lm("Shampoo", 1)

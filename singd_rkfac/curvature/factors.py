@@ -257,20 +257,24 @@ class DenseFactor(Factor):
 
 
 class DiagonalFactor(DenseFactor):
-    """A factor that is diagonal by construction: its diagonal ``(d,)`` is the whole state.
+    """A factor kept as its diagonal ``(d,)``: diagonal by construction, or by choice (`DiagonalKFAC`).
 
-    `accumulate` takes ``diag(rowsᵀrows)`` (``(d,)``, e.g. token counts of
-    one-hot rows) instead of the rows; the running average and its
-    finiteness guard are `DenseFactor`'s, on the vector. The inverse is the
-    diagonal itself (``Eigen(values, vectors=None)``), under either damping.
+    `accumulate` takes the rows ``(m, d)`` and stages ``diag(rowsᵀrows)``, or
+    — for a factor diagonal by construction (``given_diagonal``) — that
+    diagonal itself (``(d,)``, e.g. token counts of one-hot rows). The running
+    average and its finiteness guard are `DenseFactor`'s, on the vector. The
+    inverse is the diagonal itself (``Eigen(values, vectors=None)``), under
+    either damping.
     """
 
-    def __init__(self, dim: int, config: KFAC, **kwargs: Any) -> None:
+    def __init__(self, dim: int, config: KFAC, *, given_diagonal: bool = True, **kwargs: Any) -> None:
         super().__init__(dim, config, **kwargs)
         self.value = torch.zeros(dim, device=self.device, dtype=self.dtype)
+        self.given_diagonal = given_diagonal
 
     def accumulate(self, rows: Tensor) -> None:
-        self.staged = rows.clone() if self.staged is None else self.staged.add_(rows)
+        diagonal = rows.clone() if self.given_diagonal else rows.square().sum(0)
+        self.staged = diagonal if self.staged is None else self.staged.add_(diagonal)
 
     def mean_eigenvalue(self) -> Tensor:
         return self.value.mean()

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..layers import LayerDims
 from ..linalg import SKETCHES, FailureTracker, exact_damped_solve
-from ..methods import BKFACC, BRKFAC, KFAC, LowRankKFAC
+from ..methods import AUTO_DENSE_MAX, AUTO_DIAGONAL_MIN, BKFACC, BRKFAC, KFAC, LowRankKFAC
 from .base import BatchCounts, Curvature
 from .brand import BrandFactor
 from .factors import DenseFactor, DiagonalFactor, Factor, SketchedFactor
@@ -36,33 +36,42 @@ def factor_sides(dims: LayerDims) -> tuple[tuple[str, int, bool], ...]:
     return ("a", dims.d_a, dims.diagonal_a), ("g", dims.d_g, False)
 
 
-def factor_note(config: KFAC, dim: int, diagonal: bool = False) -> str:
-    """What ``describe()`` says about one factor before training (empty when unremarkable)."""
+def factor_note(method: KFAC, side: str, dim: int, diagonal: bool = False) -> str:
+    """What ``describe()`` says about one factor of ``method`` before training (empty when unremarkable)."""
     if diagonal:
         return DIAGONAL_NOTE
-    if not isinstance(config, LowRankKFAC):
-        return ""
-    if config.rank >= dim:
-        return f"rank {config.rank} >= dim {dim}: exact {config.inverse}"
-    if config.representation in SKETCHES:
-        return f"{config.representation} rank {config.rank}"
-    return f"brand rank {config.rank} (exact if rank + rows >= {dim})"
+    config = method.factor(side, dim)
+    if config.representation == "diagonal":
+        text = "diagonal"
+    elif not isinstance(config, LowRankKFAC):
+        text = ""
+    elif config.rank >= dim:
+        text = f"rank {config.rank} >= dim {dim}: exact {config.inverse}"
+    elif config.representation in SKETCHES:
+        text = f"{config.representation} rank {config.rank}"
+    else:
+        text = f"brand rank {config.rank} (exact if rank + rows >= {dim})"
+    if method.chooses_by_width(side) and text:
+        bound = AUTO_DIAGONAL_MIN if config.representation == "diagonal" else AUTO_DENSE_MAX
+        text = f"{text} (auto: width {dim} > {bound})"
+    return text
 
 
 def make_factor(
-    config: KFAC, dim: int, *, seed_text: str, device: torch.device, dtype: torch.dtype, diagonal: bool = False
+    method: KFAC, side: str, dim: int, *, seed_text: str, device: torch.device, dtype: torch.dtype, diagonal: bool = False
 ) -> Factor:
-    """The factor implementing ``config``'s representation for a ``dim``-wide side (``diagonal``: by construction)."""
+    """The factor implementing ``method``'s representation of ``side``, ``dim`` wide (``diagonal``: by construction)."""
+    config = method.factor(side, dim)
     factory = {"device": device, "dtype": dtype}
-    if diagonal:
-        factor: Factor = DiagonalFactor(dim, config, **factory)
+    if diagonal or config.representation == "diagonal":
+        factor: Factor = DiagonalFactor(dim, config, given_diagonal=diagonal, **factory)
     elif not isinstance(config, LowRankKFAC) or config.rank >= dim:
         factor = DenseFactor(dim, config, **factory)
     elif config.representation in SKETCHES:
         factor = SketchedFactor(dim, config, seed_text=seed_text, **factory)
     else:
         factor = BrandFactor(dim, config, seed_text=seed_text, **factory)
-    factor.note = factor_note(config, dim, diagonal)
+    factor.note = factor_note(method, side, dim, diagonal)
     return factor
 
 
@@ -76,7 +85,7 @@ def factor_bytes(config: KFAC, dim: int, exact: bool, inverse_every: int, diagon
     ``inverse_every`` is the layer's (the outer method's) period: above 1 a
     Brand factor keeps the previous basis for preconditioning too.
     """
-    if diagonal:
+    if diagonal or config.representation == "diagonal":
         return 2 * dim  # running diagonal + the snapshot it is inverted from
     if not isinstance(config, LowRankKFAC) or config.rank >= dim:
         return 2 * dim * dim + (dim if exact else 0)  # EA factor + inverse (or eigenvectors and values)
@@ -94,8 +103,8 @@ def factor_cost(config: KFAC, dim: int, other: int, periods: KFAC, diagonal: boo
     ``config`` is the factor's representation; ``periods`` the layer's method,
     whose ``stats_every`` / ``inverse_every`` schedule it.
     """
-    if diagonal:
-        return MODEL_ROWS / periods.stats_every + dim / periods.inverse_every + dim * other
+    if diagonal or config.representation == "diagonal":
+        return MODEL_ROWS * dim / periods.stats_every + dim / periods.inverse_every + dim * other
     if not isinstance(config, LowRankKFAC) or config.rank >= dim:
         return MODEL_ROWS * dim**2 / periods.stats_every + 10.0 * dim**3 / periods.inverse_every + dim**2 * other
     rank, apply = config.rank, 2.0 * config.rank * dim * other
@@ -122,8 +131,7 @@ class KFACCurvature(Curvature):
         super().__init__(method, dims, **kwargs)
         self.factors: dict[str, Factor] = {
             side: make_factor(
-                method.factor(side), dim, seed_text=f"{self.name}/{side}", device=self.device, dtype=self.dtype,
-                diagonal=diagonal,
+                method, side, dim, seed_text=f"{self.name}/{side}", device=self.device, dtype=self.dtype, diagonal=diagonal
             )
             for side, dim, diagonal in factor_sides(dims)
         }
@@ -248,7 +256,7 @@ class KFACCurvature(Curvature):
 
     @classmethod
     def describe_note(cls, method: KFAC, dims: LayerDims) -> str:
-        notes = {side: factor_note(method.factor(side), dim, diagonal) for side, dim, diagonal in factor_sides(dims)}
+        notes = {side: factor_note(method, side, dim, diagonal) for side, dim, diagonal in factor_sides(dims)}
         return "; ".join(f"{PREFIXES[side]}: {text}" for side, text in notes.items() if text)
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,11 +283,13 @@ class KFACCurvature(Curvature):
         size = torch.empty((), dtype=dtype).element_size()
         exact = method.damping_mode == "exact"
         return size * sum(
-            factor_bytes(method.factor(side), dim, exact, method.inverse_every, diagonal)
+            factor_bytes(method.factor(side, dim), dim, exact, method.inverse_every, diagonal)
             for side, dim, diagonal in factor_sides(dims)
         )
 
     @classmethod
     def cost(cls, method: KFAC, dims: LayerDims) -> float:
         other = {"a": dims.d_g, "g": dims.d_a}
-        return sum(factor_cost(method.factor(side), dim, other[side], method, diagonal) for side, dim, diagonal in factor_sides(dims))
+        return sum(
+            factor_cost(method.factor(side, dim), dim, other[side], method, diagonal) for side, dim, diagonal in factor_sides(dims)
+        )

@@ -53,13 +53,31 @@ def share_weights(features: Tensor, layout: str, pool: str) -> Tensor:
     return reduce(features, "n ... d -> n d", pool)
 
 
+def class_path(cls: type) -> str:
+    """``module.QualName`` of a class, e.g. ``"transformers.pytorch_utils.Conv1D"``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class Layer(ABC):
-    """Adapter between one module and the curvature methods."""
+    """Adapter between one module and the curvature methods: the public base of every adapter.
+
+    A subclass names the modules it handles (`module_types`, or
+    `module_type_names` for classes of optional packages that must not be
+    imported to be recognised) and implements `input_features` /
+    `output_features`; bias columns, weight sharing and the gradient-matrix
+    views come from this base. Register it with `singd_rkfac.layers.register`.
+    """
 
     #: Module classes (and their subclasses) this adapter handles.
     module_types: tuple[type[nn.Module], ...] = ()
+    #: The same by dotted class path (`class_path`), matched against the module's class and its
+    #: bases without importing anything: for classes of optional packages (HF ``Conv1D``).
+    module_type_names: tuple[str, ...] = ()
     #: Row layouts (`share_weights`) this adapter can produce.
     layouts: tuple[str, ...] = ("expand", "reduce", "sample")
+    #: Whether the gradient matrix is the transposed 2-D weight: ``(d_in, d_out)`` weights
+    #: (``y = x W``: HF ``Conv1D``, ``nn.Embedding``) instead of torch's ``(d_out, d_in, ...)``.
+    transposed: bool = False
 
     def __init__(self, module: nn.Module) -> None:
         reason = self.unsupported_reason(module)
@@ -69,9 +87,16 @@ class Layer(ABC):
         self.weight: nn.Parameter = module.weight
         bias = getattr(module, "bias", None)
         self.bias: nn.Parameter | None = bias if bias is not None and bias.requires_grad else None
-        d_g = self.weight.shape[0]
-        d_a = self.weight[0].numel() + (self.bias is not None)
-        self.dims = LayerDims(d_a=d_a, d_g=d_g, has_bias=self.bias is not None)
+        d_g = self.weight.shape[1] if self.transposed else self.weight.shape[0]
+        d_in = self.weight.numel() // d_g
+        self.dims = LayerDims(d_a=d_in + (self.bias is not None), d_g=d_g, has_bias=self.bias is not None)
+
+    @classmethod
+    def handles(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is of a type this adapter is for (`module_types`, `module_type_names`)."""
+        if cls.module_types and isinstance(module, cls.module_types):
+            return True
+        return bool(cls.module_type_names) and any(class_path(c) in cls.module_type_names for c in type(module).__mro__)
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
@@ -79,6 +104,18 @@ class Layer(ABC):
         if not module.weight.requires_grad:
             return "its weight is frozen"
         return None
+
+    def without_bias(self) -> "Layer":
+        """This adapter with the bias left out of the rows and the gradient matrix (a tied use's own bias)."""
+        if self.bias is not None:
+            self.bias = None
+            self.dims = LayerDims(d_a=self.dims.d_a - 1, d_g=self.dims.d_g, has_bias=False, diagonal_a=self.dims.diagonal_a)
+        return self
+
+    @property
+    def adapter_text(self) -> str:
+        """The adapter's name for ``describe()``."""
+        return type(self).__name__
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -117,11 +154,16 @@ class Layer(ABC):
         """Factor rows ``g`` of one call: ``(rows, d_g)`` in ``dtype`` (not yet scaled; 3-D for ``"sample"``)."""
         return self.share(self.output_features(grad_output.to(dtype)), layout, "sum")
 
+    def weight_matrix(self, tensor: Tensor) -> Tensor:
+        """A weight-shaped tensor (the weight, its gradient) as the ``(d_g, d_a − has_bias)`` matrix (a view when contiguous)."""
+        return tensor.T if self.transposed else tensor.reshape(self.dims.d_g, -1)
+
     def grad_matrix(self) -> Tensor | None:
         """``[∇W | ∇b]`` as a ``(d_g, d_a)`` matrix, or ``None`` without a gradient."""
-        if self.weight.grad is None:
+        grad = self.weight.grad
+        if grad is None:
             return None
-        mat = self.weight.grad.reshape(self.dims.d_g, -1)
+        mat = self.weight_matrix(grad)
         if self.bias is not None:
             bias_grad = self.bias.grad
             if bias_grad is None:
@@ -136,19 +178,20 @@ class Layer(ABC):
         memory cannot be viewed as a matrix (then `grad_matrix` copies).
         """
         grad = self.weight.grad
-        if grad is None or not grad.is_contiguous():
+        if grad is None or not (self.transposed or grad.is_contiguous()):
             return None
         bias = None
         if self.bias is not None:
             if self.bias.grad is None:
                 self.bias.grad = torch.zeros_like(self.bias)
             bias = self.bias.grad
-        return grad.view(self.dims.d_g, -1), bias
+        return self.weight_matrix(grad), bias
 
     def write_grad(self, mat: Tensor) -> None:
         """Overwrite ``.grad`` of weight (and bias) with a ``(d_g, d_a)`` matrix."""
         d_in = self.dims.d_a - self.dims.has_bias
-        self.weight.grad.copy_(mat[:, :d_in].reshape(self.weight.shape))
+        weight = mat[:, :d_in]
+        self.weight.grad.copy_(weight.T if self.transposed else weight.reshape(self.weight.shape))
         if self.bias is not None:
             if self.bias.grad is None:
                 self.bias.grad = torch.zeros_like(self.bias)

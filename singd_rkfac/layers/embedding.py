@@ -25,6 +25,7 @@ class EmbeddingLayer(Layer):
 
     module_types = (nn.Embedding,)
     layouts = ("expand",)
+    transposed = True
 
     def __init__(self, module: nn.Embedding) -> None:
         super().__init__(module)
@@ -47,7 +48,11 @@ class EmbeddingLayer(Layer):
         """``diag(aᵀa)`` of the one-hot rows: how often each token occurs, ``(num_embeddings,)``.
 
         In ``dtype``, but fp32 at least: fp16 holds counts only up to 65504.
+        Without `LayerDims.diagonal_a` (a weight tied to a layer whose factor
+        on this side is dense) the one-hot rows themselves, ``(rows, num_embeddings)``.
         """
+        if not self.dims.diagonal_a:
+            return self.share(self.input_features(x).to(dtype), layout, "mean")
         counts = torch.bincount(x.reshape(-1), minlength=self.dims.d_a)
         return counts.to(torch.promote_types(dtype, torch.float32))
 
@@ -60,14 +65,3 @@ class EmbeddingLayer(Layer):
     @property
     def shape_text(self) -> str:
         return f"{self.dims.d_a} tokens→{self.dims.d_g}"
-
-    def grad_matrix(self) -> Tensor | None:
-        grad = self.weight.grad
-        return None if grad is None else grad.T
-
-    def grad_parts(self) -> tuple[Tensor, Tensor | None] | None:
-        grad = self.weight.grad
-        return None if grad is None else (grad.T, None)
-
-    def write_grad(self, mat: Tensor) -> None:
-        self.weight.grad.copy_(mat.T)
