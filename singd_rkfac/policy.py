@@ -14,6 +14,7 @@ transformer layer (with one warning at construction).
 from __future__ import annotations
 
 import fnmatch
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -56,6 +57,16 @@ NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
     )
     if cls is not None
 )
+
+#: Class names of normalisation layers in other packages (HF ``LlamaRMSNorm``, ``T5LayerNorm``, timm's
+#: ``LayerNorm2d``, ``BatchNormAct2d``, ``RmsNorm``): they go to the fallback rule by design, like `NORM_TYPES`.
+NORM_NAME = re.compile(r"(?i)norm(act)?(\dd)?$")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer: a `NORM_TYPES` instance or a class named like one (`NORM_NAME`)."""
+    return isinstance(module, NORM_TYPES) or any(NORM_NAME.search(cls.__name__) for cls in type(module).__mro__[:-1])
+
 
 #: Transformer layers whose ``batch_first`` decides the layout of their sublayers' inputs.
 TRANSFORMER_LAYERS: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -214,9 +225,10 @@ class _ModelFacts:
                     owners[id(param)].append(name)
         return cls(functional, dict(owners), seq_first, dict(model.named_modules()))
 
-    def tied_with(self, name: str, module: nn.Module) -> list[str]:
-        """Other modules owning a parameter of ``module`` (tied weights), in model order."""
-        others = [other for p in module.parameters(recurse=False) for other in self.owners.get(id(p), ()) if other != name]
+    def tied_with(self, name: str, module: nn.Module, param: nn.Parameter | None = None) -> list[str]:
+        """Other modules owning ``param`` (default: any parameter of ``module``; tied weights), in model order."""
+        params = module.parameters(recurse=False) if param is None else [param]
+        others = [other for p in params for other in self.owners.get(id(p), ()) if other != name]
         return list(dict.fromkeys(others))
 
 
@@ -234,14 +246,15 @@ def _fallback(
     """``(note, warn)`` when ``module`` goes to the fallback rule, ``None`` when ``method`` manages it."""
     if isinstance(method, Skip):
         return "skipped by policy", False
-    if isinstance(module, NORM_TYPES):
+    if is_norm(module):
         return "normalisation layer", False
     if id(module) in facts.functional:
         return f"weight used functionally by nn.MultiheadAttention {facts.functional[id(module)]!r} (module never called)", False
     if isinstance(module, nn.MultiheadAttention):
         return "projections used inside F.multi_head_attention_forward, out of the hooks' reach", True
-    if cls is None:
-        return f"{type(module).__name__} is not a supported layer type", True
+    if cls is None:  # quiet when it owns only vector-like parameters (scales, biases, layer-scale gammas, a class token)
+        matrices = any(sum(size > 1 for size in p.shape) > 1 for p in module.parameters(recurse=False) if p.requires_grad)
+        return f"{type(module).__name__} is not a supported layer type", matrices
     if (reason := cls.unsupported_reason(module)) is not None:
         return reason, True
     if id(module) in facts.seq_first:
@@ -264,11 +277,10 @@ def _tie_fallback(
         if own is not None:
             note, warn = own
             return (note if name == uses[0][0] else f"tied with {name!r}, which goes to the fallback rule ({note})"), warn
+    weight = uses[0][1].weight
     for name, module in uses:
-        shared = [p for p in module.parameters(recurse=False) if len(facts.owners.get(id(p), ())) > 1]
-        weight = getattr(module, "weight", None)
-        if len(shared) != 1 or shared[0] is not weight or weight.ndim != 2:
-            return (f"parameters shared by {names}: a tied weight is preconditioned when it is the 2-D weight "
+        if getattr(module, "weight", None) is not weight or weight.ndim != 2:
+            return (f"weight shared by {names}: a tied weight is preconditioned when it is the 2-D weight "
                     f"of every use (in {name!r} it is not)"), True
     assert isinstance(method, CurvatureMethod)
     if method.row_layout == "sample":
@@ -329,11 +341,19 @@ class Policy:
                 continue
             method = self.method_for(name, module)
             cls = layer_class(module)
-            tied = facts.tied_with(name, module)
-            if tied:
+            weight = getattr(module, "weight", None)
+            tied = facts.tied_with(name, module, weight) if isinstance(weight, nn.Parameter) else []
+            if tied:  # its weight is shared: one layer for the weight's uses (other shared parameters: fallback)
                 head, rest = self._plan_tie(name, [(n, modules[n]) for n in tied], method, facts)
                 plans.append(head)
                 followers.update((p.name, p) for p in rest)
+                continue
+            shared = facts.tied_with(name, module)
+            if shared:  # a parameter other than its weight is shared: its gradient holds the other uses'
+                others = ", ".join(map(repr, shared))
+                matrices = any(p.ndim > 1 for p in module.parameters(recurse=False) if p.requires_grad)
+                note = f"a parameter other than its weight is shared with {others}: fallback rule, updated once"
+                plans.append(LayerPlan(name, module, None, None, note, matrices))  # only vectors (a shared bias): quiet
                 continue
             fallback = _fallback(name, module, method, cls, facts)
             if fallback is None:

@@ -217,6 +217,7 @@ VARIANTS = {
     "conv2d-same-asymmetric-no-bias": (nn.Conv2d(2, 3, (2, 4), padding="same", bias=False), (2, 5, 6)),
     "conv2d-groups2-replicate": (nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate", groups=2), (4, 5, 5)),
     "conv2d-depthwise-circular": (nn.Conv2d(3, 6, 3, stride=2, padding=1, padding_mode="circular", groups=3), (3, 7, 6)),
+    "conv2d-depthwise-diagonal-g": (nn.Conv2d(3, 3, 3, padding=1, groups=3), (3, 5, 5)),
     "conv3d-stride-dilation": (nn.Conv3d(2, 3, (3, 2, 3), stride=(1, 2, 1), dilation=(1, 1, 2), padding=(0, 1, 1)), (2, 3, 5, 6)),
     "conv3d-groups2-same": (nn.Conv3d(4, 2, (3, 3, 2), padding="same", groups=2), (4, 1, 4, 5)),
 }
@@ -264,7 +265,11 @@ def test_factors_and_exactly_damped_direction_equal_curvlinops(name, approx):
     for layer, (a, g) in expected.items():
         curvature = pre.layers[layer].curvature
         torch.testing.assert_close(curvature.a_factor.value, a, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(curvature.g_factor.value, g, rtol=1e-12, atol=1e-14)
+        if pre.layers[layer].layer.dims.diagonal_g:  # depthwise: G is diagonal by construction, kept as d numbers
+            assert curvature.g_factor.value.shape == (g.shape[0],) and torch.equal(g, torch.diag(g.diagonal()))
+            torch.testing.assert_close(curvature.g_factor.value, g.diagonal(), rtol=1e-12, atol=1e-14)
+        else:
+            torch.testing.assert_close(curvature.g_factor.value, g, rtol=1e-12, atol=1e-14)
         # (A ⊗ G + λI)⁻¹ vec ∇W, dense; row-major vec(G X A) = (G ⊗ A) vec(X)
         system = torch.kron(g, a) + damping * torch.eye(a.shape[0] * g.shape[0], dtype=F64)
         direction = torch.linalg.solve(system, gradients[layer].flatten()).reshape(gradients[layer].shape)

@@ -296,7 +296,7 @@ class SharedBias(nn.Module):
     [
         (TwoUses(), sr.Policy(sr.SENG()), "keeps per-sample gradients"),
         (TiedLM(), sr.Policy(sr.SENG()), r"Embedding supports the row layout\(s\) 'expand' only"),
-        (SharedBias(), sr.Policy(sr.KFAC()), "2-D weight of every use"),
+        (SharedBias(), sr.Policy(sr.KFAC()), "a parameter other than its weight is shared"),
     ],
     ids=["seng", "seng-embedding", "shared-bias"],
 )

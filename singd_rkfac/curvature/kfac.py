@@ -28,18 +28,18 @@ __all__ = ["KFACCurvature", "make_factor", "factor_note"]
 
 SIDES = ("a", "g")
 PREFIXES = {"a": "A", "g": "G"}
-DIAGONAL_NOTE = "diagonal (one-hot input)"
+DIAGONAL_NOTES = {"a": "diagonal (one-hot input)", "g": "diagonal (depthwise: one channel per group)"}
 
 
 def factor_sides(dims: LayerDims) -> tuple[tuple[str, int, bool], ...]:
     """``(side, dimension, diagonal by construction)`` of a layer's two factors."""
-    return ("a", dims.d_a, dims.diagonal_a), ("g", dims.d_g, False)
+    return ("a", dims.d_a, dims.diagonal_a), ("g", dims.d_g, dims.diagonal_g)
 
 
 def factor_note(method: KFAC, side: str, dim: int, diagonal: bool = False) -> str:
     """What ``describe()`` says about one factor of ``method`` before training (empty when unremarkable)."""
     if diagonal:
-        return DIAGONAL_NOTE
+        return DIAGONAL_NOTES[side]
     config = method.factor(side, dim)
     if config.representation == "diagonal":
         text = "diagonal"
@@ -64,7 +64,8 @@ def make_factor(
     config = method.factor(side, dim)
     factory = {"device": device, "dtype": dtype}
     if diagonal or config.representation == "diagonal":
-        factor: Factor = DiagonalFactor(dim, config, given_diagonal=diagonal, **factory)
+        # only an embedding's A arrives as diag(aᵀa); every other diagonal factor gets rows
+        factor: Factor = DiagonalFactor(dim, config, given_diagonal=diagonal and side == "a", **factory)
     elif not isinstance(config, LowRankKFAC) or config.rank >= dim:
         factor = DenseFactor(dim, config, **factory)
     elif config.representation in SKETCHES:

@@ -32,12 +32,17 @@ from ..methods import SINGD
 from ..structures import Diagonal, DiagonalMatrix, PartsMatrix, Structure, StructuredMatrix
 from .base import BatchCounts, Curvature
 
-__all__ = ["SINGDCurvature", "k_structure", "keeps_outer"]
+__all__ = ["SINGDCurvature", "c_structure", "k_structure", "keeps_outer"]
 
 
 def k_structure(method: SINGD, dims: LayerDims) -> Structure:
     """The structure of ``K``: the method's, or diagonal when ``A`` is diagonal by construction."""
     return Diagonal() if dims.diagonal_a else method.k_structure
+
+
+def c_structure(method: SINGD, dims: LayerDims) -> Structure:
+    """The structure of ``C``: the method's, or diagonal when ``G`` is diagonal by construction (depthwise)."""
+    return Diagonal() if dims.diagonal_g else method.c_structure
 
 
 def keeps_outer(numel: int, method: SINGD, dims: LayerDims) -> bool:
@@ -55,7 +60,7 @@ class SINGDCurvature(Curvature):
         super().__init__(method, dims, **kwargs)
         factory = {"dtype": self.dtype, "device": self.device}
         self.K = k_structure(method, dims).eye(dims.d_a, **factory)
-        self.C = method.c_structure.eye(dims.d_g, **factory)
+        self.C = c_structure(method, dims).eye(dims.d_g, **factory)
         self.alpha1 = method.momentum
         self.m_K = self.K.zeros_like() if self.alpha1 else None
         self.m_C = self.C.zeros_like() if self.alpha1 else None
@@ -232,8 +237,9 @@ class SINGDCurvature(Curvature):
 
     @classmethod
     def describe_note(cls, method: SINGD, dims: LayerDims) -> str:
-        k, c = k_structure(method, dims), method.c_structure
-        notes = [f"K {k.summary()}{' (one-hot input)' if dims.diagonal_a else ''}, C {c.summary()}"]
+        k, c = k_structure(method, dims), c_structure(method, dims)
+        notes = [f"K {k.summary()}{' (one-hot input)' if dims.diagonal_a else ''}, "
+                 f"C {c.summary()}{' (depthwise)' if dims.diagonal_g else ''}"]
         notes += [f"{side}: {note}" for side, note in (("K", k.clip_note(dims.d_a)), ("C", c.clip_note(dims.d_g))) if note]
         return "; ".join(notes)
 
@@ -242,7 +248,7 @@ class SINGDCurvature(Curvature):
         size = torch.empty((), dtype=dtype).element_size()
         copies = 2 if method.momentum else 1
         numbers = 0
-        for structure, dim in ((k_structure(method, dims), dims.d_a), (method.c_structure, dims.d_g)):
+        for structure, dim in ((k_structure(method, dims), dims.d_a), (c_structure(method, dims), dims.d_g)):
             numel = structure.numel(dim)
             numbers += copies * numel + (structure.outer_numel(dim) if keeps_outer(numel, method, dims) else 0)
         return size * numbers
@@ -250,7 +256,7 @@ class SINGDCurvature(Curvature):
     @classmethod
     def cost(cls, method: SINGD, dims: LayerDims) -> float:
         d_a, d_g = dims.d_a, dims.d_g
-        n_k, n_c = k_structure(method, dims).numel(d_a), method.c_structure.numel(d_g)
+        n_k, n_c = k_structure(method, dims).numel(d_a), c_structure(method, dims).numel(d_g)
         apply = 2.0 * (n_k * d_g + n_c * d_a)  # K Kᵀ on d_g columns, C Cᵀ on d_a columns
         update = 4.0 * (n_k * d_a + n_c * d_g) / method.update_every  # Π(KᵀK), K m_K, the H terms
         return apply + update

@@ -11,7 +11,7 @@ definition of K-FAC-expand and K-FAC-reduce.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange, reduce
@@ -29,12 +29,17 @@ class LayerDims:
         diagonal_a: whether ``A`` is diagonal by construction (one-hot inputs,
             `EmbeddingLayer`): ``a`` is then handed over as ``diag(aᵀa)``, a
             ``(d_a,)`` vector, and the curvature keeps ``A`` as ``d_a`` numbers.
+        diagonal_g: whether ``G`` is diagonal by construction (depthwise
+            convolutions: each output channel is its own group); the rows
+            ``g`` are handed over as usual, and the curvature keeps ``G`` as
+            ``d_g`` numbers.
     """
 
     d_a: int
     d_g: int
     has_bias: bool
     diagonal_a: bool = False
+    diagonal_g: bool = False
 
 
 def share_weights(features: Tensor, layout: str, pool: str) -> Tensor:
@@ -109,7 +114,7 @@ class Layer(ABC):
         """This adapter with the bias left out of the rows and the gradient matrix (a tied use's own bias)."""
         if self.bias is not None:
             self.bias = None
-            self.dims = LayerDims(d_a=self.dims.d_a - 1, d_g=self.dims.d_g, has_bias=False, diagonal_a=self.dims.diagonal_a)
+            self.dims = replace(self.dims, d_a=self.dims.d_a - 1, has_bias=False)
         return self
 
     @property

@@ -20,6 +20,8 @@ group were its own layer. With ``groups=1`` this is plain K-FAC.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange, reduce
@@ -71,6 +73,11 @@ class ConvLayer(Layer):
     """
 
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def __init__(self, module: Conv) -> None:
+        super().__init__(module)
+        if module.groups == module.out_channels > 1:  # depthwise: G is block-diagonal with 1×1 blocks
+            self.dims = replace(self.dims, diagonal_g=True)
 
     def _batched(self, t: Tensor) -> Tensor:
         """``t`` with a batch dimension (unbatched ``(c, *spatial)`` becomes one sample)."""

@@ -92,11 +92,16 @@ def exact_damped_solve(grad: Tensor, eig_g: Eigen, eig_a: Eigen, damping: float)
     operator is diagonal: each block of ``grad`` is divided by
     ``s_G s_Aᵀ + λ`` with the complement eigenvalue standing in for discarded
     modes. Cost O(d_g·d_a·(r_A + r_G)); dense eigens reduce to
-    ``Q_G [(Q_Gᵀ ∇ Q_A) / (s_G s_Aᵀ + λ)] Q_Aᵀ``. A diagonal ``A``
-    (``eig_a.vectors is None``) has ``Q_A = I``.
+    ``Q_G [(Q_Gᵀ ∇ Q_A) / (s_G s_Aᵀ + λ)] Q_Aᵀ``. A diagonal factor
+    (``vectors is None``) has ``Q = I``; a diagonal ``G`` is solved as the
+    transposed problem (``A`` and ``G`` swap roles).
     """
     s_g, u_g, c_g = eig_g
     s_a, u_a, c_a = eig_a
+    if u_g is None and u_a is None:
+        return grad / (s_g.unsqueeze(1) * s_a.unsqueeze(0) + damping)
+    if u_g is None:
+        return _solve_diagonal_a(grad.T, eig_a, s_g, damping).T
     if u_a is None:
         return _solve_diagonal_a(grad, eig_g, s_a, damping)
     if c_a is None:
