@@ -27,7 +27,31 @@ from .methods import CurvatureMethod, TwoLevel
 from .policy import DESCRIBE_COLUMNS, LayerPlan, Policy, fallback_row, plan_layer, tied_row
 from .twolevel import CoarseCorrection
 
-__all__ = ["Preconditioner", "ManagedLayer"]
+__all__ = ["Preconditioner", "ManagedLayer", "LARGE_STATE_BYTES"]
+
+#: Estimated curvature state of one layer above which construction warns (before allocating it).
+LARGE_STATE_BYTES = 2**30
+
+
+def _warn_large_state(plans: list[LayerPlan]) -> None:
+    """One warning naming every layer whose method will hold more than `LARGE_STATE_BYTES` (a dense vocabulary factor)."""
+    large = []
+    for plan in plans:
+        if not plan.manages:
+            continue
+        layer = plan_layer(plan)
+        implementation = curvature_class(plan.method)
+        size = implementation.estimate_bytes(plan.method, layer.dims, implementation.state_dtype(plan.method, layer.weight.dtype))
+        if size > LARGE_STATE_BYTES:
+            large.append(f"{plan.name} ({layer.shape_text}, {plan.method.summary()}: {format_bytes(size)})")
+    if large:
+        warnings.warn(
+            "these layers will hold more than 1 GiB of curvature state each: " + "; ".join(large)
+            + ". Factors chosen by width (sr.KFAC(a='auto', g='auto'), the default policy) or a diagonal / low-rank "
+            "representation keep vocabulary-sized sides linear in their width",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 @dataclass
@@ -113,6 +137,7 @@ class Preconditioner:
         self.skipped_steps = 0
         self._passes = ForwardPasses(model)
         plans = self.policy.plan(model)
+        _warn_large_state(plans)
         self.layers: dict[str, ManagedLayer] = {
             p.name: self._manage(p, max_decomposition_failures) for p in plans if p.manages
         }
@@ -127,13 +152,12 @@ class Preconditioner:
             except Exception:
                 self.remove()
                 raise
-        unexpected = [f"{p.name or '(root)'} ({p.note})" for p in plans if p.warn]
+        unexpected = [f"{p.name or '(root)'} ({p.note})" for p in plans if p.warn and p.method is None]
         if unexpected:
-            warnings.warn(
-                "these modules go to the fallback rule: " + "; ".join(unexpected),
-                UserWarning,
-                stacklevel=3,
-            )
+            warnings.warn("these modules go to the fallback rule: " + "; ".join(unexpected), UserWarning, stacklevel=3)
+        overruled = [f"{p.name} ({p.note})" for p in plans if p.warn and p.method is not None]
+        if overruled:
+            warnings.warn("tied weights: " + "; ".join(overruled), UserWarning, stacklevel=3)
         self._schedule_capture()
         #: The multi-process driver (`singd_rkfac.distributed.Distributed`), ``None`` in one process.
         self.distributed = None

@@ -315,3 +315,23 @@ def test_skipping_the_first_use_leaves_the_tied_weight_to_the_fallback_silently(
         opt = sr.Optimizer(model, sr.Policy(sr.KFAC(), rules=[("embed", sr.Skip())]), lr=0.1)
     assert set(opt.preconditioner.layers) == {"mix"}
     assert "skipped by policy; shared with 'head'" in opt.describe()
+
+
+def test_a_dense_vocabulary_factor_asked_for_explicitly_warns_before_it_is_allocated(monkeypatch):
+    # a 40 000-token tied head with dense K-FAC: A alone would be 40 000² fp32 values (and as much again for its inverse)
+    model = TiedLM(vocab=40_000, dim=2)
+    zeros = torch.zeros
+
+    def refuse_huge(*shape, **kwargs):  # no 12 GiB on a test machine: the allocation fails, after the warning
+        dims = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        if len(dims) == 2 and dims[0] * dims[1] > 10**8:
+            raise RuntimeError("refused: a 40 000² factor")
+        return zeros(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", refuse_huge)
+    with pytest.warns(UserWarning, match=r"more than 1 GiB of curvature state each: embed \(.*kfac: 11\.9 GiB\)"):
+        with pytest.raises(RuntimeError, match="refused"):
+            sr.Optimizer(model, sr.Policy(sr.KFAC()), lr=0.1)
+    monkeypatch.undo()
+    text = sr.Policy().describe(model)  # the default keeps it linear: diagonal on the 40 000 side
+    assert "A: diagonal (auto: width 40000 > 8192)" in text

@@ -187,7 +187,7 @@ def test_tiny_lm_trains_with_finite_values(label, tied):
 def test_run_lm_reports_every_number():
     result, messages = _caught(lambda: lm.run_lm("SINGD-bf16+KFAC-head", 4, "cpu", None, tied=True))
     # the tied head's own rule (K-FAC) yields to the embedding's SINGD, which serves the shared weight
-    assert len(messages) == 1 and "the first use's serves all" in messages[0]
+    assert len(messages) == 2 and "fallback rule" in messages[0] and "the first use's serves all" in messages[1]
     assert len(result["losses"]) == 4 == len(result["seconds_per_step"]) and result["finite"]
     assert 0 < result["oracle_loss"] < math.log(QUICK.vocab) and result["state_bytes"] > 0
     assert "embed" in result["managed"] and "head" not in result["fallback"] and "blocks.0.linear1" in result["managed"]

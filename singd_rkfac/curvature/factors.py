@@ -197,9 +197,14 @@ class DenseFactor(Factor):
 
     def __init__(self, dim: int, config: KFAC, **kwargs: Any) -> None:
         super().__init__(dim, config, **kwargs)
-        self.value = torch.zeros(dim, dim, device=self.device, dtype=self.dtype)
+        self.value = torch.zeros(self.value_shape, device=self.device, dtype=self.dtype)
         self.initialized = torch.zeros((), dtype=torch.bool, device=self.device)
         self.staged: Tensor | None = None
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """Shape of the running statistics: ``(d, d)``."""
+        return (self.dim, self.dim)
 
     def accumulate(self, rows: Tensor) -> None:
         gram = rows.T @ rows
@@ -269,8 +274,11 @@ class DiagonalFactor(DenseFactor):
 
     def __init__(self, dim: int, config: KFAC, *, given_diagonal: bool = True, **kwargs: Any) -> None:
         super().__init__(dim, config, **kwargs)
-        self.value = torch.zeros(dim, device=self.device, dtype=self.dtype)
         self.given_diagonal = given_diagonal
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
 
     def accumulate(self, rows: Tensor) -> None:
         diagonal = rows.clone() if self.given_diagonal else rows.square().sum(0)
