@@ -8,27 +8,14 @@ list, set by ``make test``) names it: then the missing import fails the test.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
 
 import singd_rkfac as sr
+from models._require import need
 from test_docs import docs_example
-
-REQUIRED = {name.strip() for name in os.environ.get("SINGD_RKFAC_REQUIRE", "").split(",") if name.strip()}
-
-
-def need(*modules: str) -> None:
-    """Import each module, or skip; a module named in SINGD_RKFAC_REQUIRE must import."""
-    for name in modules:
-        if name in REQUIRED:
-            importlib.import_module(name)
-        else:
-            pytest.importorskip(name, reason=f"{name} is not installed (the 'models' extra; `make test` runs this in .venv-vision)")
-
 
 def run_example(name: str, tmp_path, monkeypatch) -> dict:
     """Execute the docs/frameworks.md example ``name`` in ``tmp_path``; its namespace."""
