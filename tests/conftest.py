@@ -56,3 +56,14 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches) -> list[f
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+    """``loss.backward(); opt.step()``, or the `GradScaler` loop's scale / step / update."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()

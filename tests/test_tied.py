@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import singd_rkfac as sr
+from conftest import backward_and_step
 from singd_rkfac.curvature import BatchCounts, KFACCurvature
 from singd_rkfac.curvature.tied import TiedCounts, TiedCurvature
 from singd_rkfac.layers import LayerDims, LinearLayer
@@ -206,13 +207,7 @@ def _lm_losses(model, opt, steps: int = 25, scaler=None):
         x = torch.randint(0, vocab, (8, 6))
         opt.zero_grad()
         loss = F.cross_entropy(model(x).reshape(-1, vocab), ((x + 1) % vocab).reshape(-1))
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        backward_and_step(loss, opt, scaler)
         losses.append(loss.item())
     return losses
 
@@ -269,23 +264,13 @@ def test_tied_weights_under_a_grad_scaler_stay_finite():
     torch.testing.assert_close(torch.tensor(scaled), torch.tensor(plain), rtol=1e-4, atol=1e-5)  # scales are powers of 2
 
 
-class TwoUses(nn.Module):
-    """One Linear weight used by two modules (the same layout)."""
+class TwoLinears(nn.Module):
+    """Two 4 → 4 Linear layers in a row sharing their ``"weight"`` or their ``"bias"``."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: str) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
-        self.b.weight = self.a.weight
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
-class SharedBias(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
-        self.b.bias = self.a.bias
+        setattr(self.b, shared, getattr(self.a, shared))
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x)))
@@ -294,9 +279,9 @@ class SharedBias(nn.Module):
 @pytest.mark.parametrize(
     "model,policy,reason",
     [
-        (TwoUses(), sr.Policy(sr.SENG()), "keeps per-sample gradients"),
+        (TwoLinears("weight"), sr.Policy(sr.SENG()), "keeps per-sample gradients"),
         (TiedLM(), sr.Policy(sr.SENG()), r"Embedding supports the row layout\(s\) 'expand' only"),
-        (SharedBias(), sr.Policy(sr.KFAC()), "a parameter other than its weight is shared"),
+        (TwoLinears("bias"), sr.Policy(sr.KFAC()), "a parameter other than its weight is shared"),
     ],
     ids=["seng", "seng-embedding", "shared-bias"],
 )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import singd_rkfac as sr
+from conftest import backward_and_step
 from singd_rkfac.curvature import KFACCurvature, SINGDCurvature
 from singd_rkfac.curvature.brand import BrandFactor
 from singd_rkfac.curvature.factors import SketchedFactor
@@ -64,13 +65,7 @@ def _train(model, opt, data, *, steps, batch=16, autocast=None, device_type="cpu
             if autocast is not None:
                 assert output.dtype == autocast  # autocast really ran the layers in half precision
             loss = nn.functional.cross_entropy(output, data.y_train[index])
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        backward_and_step(loss, opt, scaler)
         losses.append(float(loss.detach()))
         if after_step is not None:
             after_step(step)
