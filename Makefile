@@ -65,8 +65,8 @@ test: $(VENV)/.test
 # a skip with the reason otherwise.
 test-models:
 	@if $(MAKE) --no-print-directory $(VISION)/.test; then \
-	  echo "SINGD_RKFAC_REQUIRE=transformers,accelerate,timm $(VPY) -m pytest -x -q tests/models"; \
-	  SINGD_RKFAC_REQUIRE=transformers,accelerate,timm $(VPY) -m pytest -x -q tests/models; \
+	  echo "SINGD_RKFAC_REQUIRE=transformers,accelerate,timm,torchvision $(VPY) -m pytest -x -q tests/models"; \
+	  SINGD_RKFAC_REQUIRE=transformers,accelerate,timm,torchvision $(VPY) -m pytest -x -q tests/models; \
 	elif [ "$$CI" = true ]; then \
 	  echo "error: could not build $(VISION) ($(VISION_TORCH), .[test,models]): the framework tests did not run" >&2; \
 	  exit 1; \
