@@ -49,6 +49,18 @@ $(VISION)/.test: pyproject.toml
 	$(VPY) -m pip install -q -e ".[test,models]"
 	touch $@
 
+# kfac-pytorch (an anchor of benchmarks/speed.py) is not on the package index: its source archive
+# lies in ../shared/anchors; it goes into this benchmark environment only, without dependencies.
+ANCHORS ?= ../shared/anchors/kfac-pytorch-src.tar.gz
+$(VENV)/.anchors: $(VENV)/.bench
+	@if [ -f $(ANCHORS) ]; then $(PIP) install -q --no-deps $(ANCHORS); \
+	else echo "note: $(ANCHORS) not found: benchmarks/speed.py skips its kfac-pytorch rows" >&2; fi
+	touch $@
+
+# The speed table against kfac-pytorch and singd (docs/speed.md).
+bench: $(VENV)/.anchors
+	$(PY) benchmarks/speed.py
+
 $(VENV)/.docs: $(VENV)/.base pyproject.toml
 	$(PIP) install -q -e ".[docs]"
 	touch $@

@@ -146,6 +146,26 @@ def test_anchors_quick(tmp_path: Path) -> None:
     assert {row["T"] for row in written["summary"]["rows"]} == {1, 10}
 
 
+def test_speed_quick(tmp_path: Path) -> None:
+    """One kfac-pytorch row (or its skip note, when the anchor is absent), one singd row and every method's step."""
+    if importlib.util.find_spec("singd") is None:
+        pytest.skip("the reference package singd is not installed")
+    argv = [*QUICK, "--out", str(tmp_path), "--rows", "kfac-inverse-mlp", "singd-dense-mlp", "--periods", "10"]
+    cli.load_benchmark("speed").main(argv)
+    written = _results(tmp_path, "speed")
+    has_kfac = importlib.util.find_spec("kfac") is not None
+    measured = {entry["row"] for entry in written["raw"]["anchors"]}
+    assert measured == ({"kfac-inverse-mlp"} if has_kfac else set()) | {"singd-dense-mlp"}
+    assert bool(written["summary"]["skipped"]) is not has_kfac
+    for entry in written["raw"]["anchors"]:
+        assert all(entry["finite"].values())
+        for name in ("floor", "AdamW", "anchor", "ours"):
+            assert _positive_times(entry["seconds_per_iteration"][name])
+    small = written["summary"]["small"]
+    assert {"floor", "AdamW", "KFAC", "BKFAC", "SINGD-dense", "SENG", "default policy"} <= set(small)
+    assert all(v["seconds"] > 0 for v in small.values())
+
+
 def test_precision_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "precision", *QUICK, "--out", str(tmp_path)]) == 0
     payload = _results(tmp_path, "precision")
