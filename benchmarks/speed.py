@@ -17,6 +17,9 @@ ours / anchor. Rows:
 * SINGD diagonal and dense against singd 0.0.5 on the MLP (the hyperparameters
   of `anchors`).
 
+Section ``profile``: ``torch.profiler``'s self-CPU time per operator over one
+period of ours on the ``kfac-inverse-2048`` row at T = 10 (the top operators).
+
 Section ``small``: per-step time of every method with its defaults (T = 10)
 beside AdamW and the floor on an MLP 40-256-256-10, batch 128, interleaved in
 one process.
@@ -62,7 +65,9 @@ ROWS: dict[str, tuple[tuple[int, ...], int, str, str]] = {
     "singd-diagonal-mlp": (MLP, 128, "singd", "diagonal"),
     "singd-dense-mlp": (MLP, 128, "singd", "dense"),
 }
-SECTIONS = ("anchors", "small")
+SECTIONS = ("anchors", "small", "profile")
+#: The row whose step `profile` breaks down (issue 19: K-FAC inverse, 2048 wide, T = 10).
+PROFILED_ROW, PROFILED_PERIOD, PROFILE_TOP = "kfac-inverse-2048", 10, 12
 
 
 def small_methods() -> dict[str, sr.Method | None]:
@@ -78,7 +83,7 @@ def small_methods() -> dict[str, sr.Method | None]:
 
 def parser() -> common.BenchParser:
     p = common.make_parser(NAME, __doc__.split("\n\n")[0])
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run (default: both)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run (default: all)")
     p.add_argument("--rows", nargs="+", metavar="ROW", help=f"rows of the anchors section (default: all of {', '.join(ROWS)})")
     p.add_argument("--periods", type=common.positive_int, nargs="+", metavar="T",
                    help=f"update periods T (default: {' '.join(map(str, PERIODS))})")
@@ -192,6 +197,29 @@ def measure_small(quick: bool, args: Any) -> dict[str, Any]:
                 "seconds_per_step": {name: [t / per_call for t in ts] for name, ts in times.items()}}
 
 
+def measure_profile(quick: bool, args: Any) -> dict[str, Any]:
+    """Self-CPU milliseconds per iteration of ours' top operators over one period of `PROFILED_ROW`."""
+    from torch.profiler import profile
+
+    sizes, batch, _, mode = ROWS[PROFILED_ROW]
+    if quick:
+        sizes, batch = QUICK_SIZES, 32
+    with common.configured(args):
+        model = common.mlp(sizes).to(args.device)
+        h = KFAC_HYPER
+        method = sr.KFAC(inverse_every=PROFILED_PERIOD, damping=h["damping"], ema=h["ema"], inverse="cholesky")
+        optimizer = sr.Optimizer(model, sr.Policy(default=method), lr=h["lr"], momentum=h["momentum"], clip=h["kl_clip"])
+        batches = common.random_batches(PROFILED_PERIOD, sizes[0], args.device, batch_size=batch, seed=args.seed)
+        trainer = common.Trainer(model, optimizer, batches, iterations=PROFILED_PERIOD)
+        trainer()  # warm-up: the first period decomposes from scratch
+        with profile() as recorded:
+            trainer()
+        events = sorted(recorded.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:PROFILE_TOP]
+        return {"row": PROFILED_ROW, "T": PROFILED_PERIOD,
+                "self_ms_per_iteration": {e.key: e.self_cpu_time_total / 1e3 / PROFILED_PERIOD for e in events},
+                "calls_per_iteration": {e.key: e.count / PROFILED_PERIOD for e in events}}
+
+
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for entry in raw.get("anchors", []):
@@ -203,6 +231,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     if "small" in raw:
         med = {name: common.median(ts) for name, ts in raw["small"]["seconds_per_step"].items()}
         summary["small"] = {name: {"seconds": s, "over_adamw": s / med["AdamW"]} for name, s in med.items()}
+    if "profile" in raw:
+        summary["profile"] = raw["profile"]
     ratios = [r["ours_over_anchor"] for r in rows]
     summary["worst_ours_over_anchor"] = max(ratios, default=None)
     return summary
@@ -222,6 +252,11 @@ def report(summary: dict[str, Any]) -> None:
         common.print_table(["method", "ms/step", "× AdamW"],
                            [[name, common.fmt_ms(v["seconds"]), common.fmt_ratio(v["over_adamw"])] for name, v in summary["small"].items()],
                            "every method at a small width (defaults, T = 10)")
+    if "profile" in summary:
+        prof = summary["profile"]
+        common.print_table(["operator", "self ms/iteration", "calls/iteration"],
+                           [[op, f"{ms:.2f}", f"{prof['calls_per_iteration'][op]:g}"] for op, ms in prof["self_ms_per_iteration"].items()],
+                           f"profile of ours on {prof['row']}, T = {prof['T']}")
 
 
 def figure(summary: dict[str, Any]) -> Any:
@@ -263,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     raw: dict[str, Any] = {"anchors": [], "skipped": []}
     available = {"kfac-pytorch": kfac_pytorch() is not None, "singd": versions["singd"] is not None}
     work = [(row, t) for row in rows for t in periods] if "anchors" in args.sections else []
-    with common.configured(args), common.Progress(len(work) + ("small" in args.sections), NAME) as progress:
+    extra = ("small" in args.sections) + ("profile" in args.sections)
+    with common.configured(args), common.Progress(len(work) + extra, NAME) as progress:
         for row, period in work:
             if not available[ROWS[row][2]]:
                 raw["skipped"].append(f"{row} T={period}: {ROWS[row][2]} is not installed")
@@ -273,6 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "small" in args.sections:
             progress.next("small width, every method")
             raw["small"] = common.in_fresh_process(measure_small, args.quick, args)
+        if "profile" in args.sections:
+            progress.next(f"profile of {PROFILED_ROW}")
+            raw["profile"] = common.in_fresh_process(measure_profile, args.quick, args)
     payload["raw"] = raw
     payload["summary"] = summarize(raw)
     report(payload["summary"])

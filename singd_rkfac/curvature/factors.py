@@ -248,8 +248,9 @@ class DenseFactor(Factor):
         if self.config.inverse == "eigh":
             eigen = robust_eigh(self.value)
             return None if eigen is None else Inverse(matrix=inverse_from_eigh(*eigen, damping))
-        eye = torch.eye(self.dim, device=self.device, dtype=self.dtype)
-        chol = robust_cholesky(self.value + damping * eye)
+        shifted = self.value.clone()  # F + λI without a d × d identity or a second temporary
+        shifted.diagonal().add_(damping)
+        chol = robust_cholesky(shifted)
         return None if chol is None else Inverse(matrix=torch.cholesky_inverse(chol))
 
     def state(self, prefix: str) -> dict[str, Any]:
