@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -140,15 +139,6 @@ def singd_contenders(base: nn.Module, structure: str, period: int) -> dict[str, 
     return {"floor": built[anchors.FLOOR], "AdamW": built["AdamW"], "anchor": built["singd"], "ours": built["ours"]}
 
 
-def quiet(call: Callable[[], None]) -> Callable[[], None]:
-    """``call`` with the anchors' warnings suppressed."""
-    def run() -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            call()
-    return run
-
-
 def measure_row(row: str, period: int, quick: bool, args: Any) -> dict[str, Any]:
     """Interleaved seconds per iteration of the four contenders of one row at period ``period``."""
     sizes, batch, package, mode = ROWS[row]
@@ -163,7 +153,7 @@ def measure_row(row: str, period: int, quick: bool, args: Any) -> dict[str, Any]
         per_call = period * -(-MIN_ITERATIONS // period)
         batches = common.random_batches(per_call, sizes[0], args.device, batch_size=batch, seed=args.seed)
         trainers = {name: common.Trainer(model, opt, batches, iterations=per_call) for name, (model, opt) in contenders.items()}
-        calls = {name: quiet(trainer) for name, trainer in trainers.items()}
+        calls = {name: anchors.quiet(trainer) for name, trainer in trainers.items()}
         times = common.time_interleaved(calls, warmup=1, repeats=args.repeats, device=args.device)
         return {
             "row": row, "T": period, "model": "MLP " + "→".join(map(str, sizes)), "batch": batch, "anchor": package,
@@ -191,7 +181,7 @@ def measure_small(quick: bool, args: Any) -> dict[str, Any]:
         for label, make in optimizers.items():
             model = copy.deepcopy(base)
             trainers[label] = common.Trainer(model, make(model), batches, iterations=per_call)
-        times = common.time_interleaved({k: quiet(t) for k, t in trainers.items()}, warmup=1, repeats=args.repeats,
+        times = common.time_interleaved({k: anchors.quiet(t) for k, t in trainers.items()}, warmup=1, repeats=args.repeats,
                                         device=args.device)
         return {"model": "MLP " + "→".join(map(str, sizes)), "batch": common.BATCH_SIZE, "iterations_per_call": per_call,
                 "seconds_per_step": {name: [t / per_call for t in ts] for name, ts in times.items()}}
